@@ -1,0 +1,117 @@
+"""Configuration of an upcycled Mixture-of-Experts causal language model.
+
+This file is part of the self-contained runtime folder that ``save_pretrained`` copies next to the
+weights, so that ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works on a
+machine without ``moe_upcycle``: it may import only ``transformers`` and ``torch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ExpertKind = Literal["glu", "mlp"]
+EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")
+
+
+class UpcycledMoeConfig(PreTrainedConfig):
+    r"""Configuration of [`UpcycledMoeForCausalLM`]: a dense causal LM whose feed-forward blocks in
+    ``moe_layers`` were replaced by sparse Mixture-of-Experts blocks ("sparse upcycling",
+    Komatsuzaki et al. 2023, arXiv 2212.05055).
+
+    The dense model's own configuration is nested, unchanged, as ``text_config``; everything the dense
+    model does outside of the replaced MLPs (attention, norms, embeddings, logit scaling) is the dense
+    model's own code.
+
+    Args:
+        text_config: configuration of the dense source model (any ``AutoModelForCausalLM`` family).
+        num_experts: routed experts per MoE layer, E.
+        num_experts_per_tok: experts selected per token, k (``1 <= k <= E``).
+        moe_layers: decoder layer indices whose MLP is a MoE block; ``None`` means every layer.
+        expert_intermediate_size: intermediate width I of one expert.
+        expert_kind: ``"glu"`` (gated: ``down(act(gate(x)) * up(x))``, weights ``gate_up_proj`` [E, 2I, H])
+            or ``"mlp"`` (``down(act(up(x)))``, weights ``up_proj`` [E, I, H]).
+        expert_bias: whether expert projections carry biases (GPT-2, GPT-NeoX, ``mlp_bias=True`` Llama).
+        decoder_layers_path: dotted path of the decoder layer list inside the dense causal-LM module.
+        mlp_module_name: attribute name of the feed-forward block inside one decoder layer.
+        mlp_activation_attr: attribute of the dense MLP module that holds its activation function.
+        mlp_dropout_attr: attribute of the dense MLP module that holds a dropout applied to its output.
+        router_aux_loss_coef: weight of the Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4).
+        router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
+        router_jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on router inputs in training.
+        router_init_std: standard deviation of a freshly initialised router (never all-zero: ties route every
+            token to the same experts).
+        output_router_logits: return per-layer router logits by default.
+        upcycling: the recipe that produced this model (source id, revision, options), for model cards and
+            reproducibility.
+    """
+
+    model_type: ClassVar[str] = "upcycled_moe"
+    sub_configs_defaults: ClassVar[dict] = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layers: list[int] | None = None
+    expert_intermediate_size: int | None = None
+    expert_kind: ExpertKind = "glu"
+    expert_bias: bool = False
+    decoder_layers_path: str = "model.layers"
+    mlp_module_name: str = "mlp"
+    mlp_activation_attr: str = "act_fn"
+    mlp_dropout_attr: str | None = None
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    router_init_std: float = 0.02
+    output_router_logits: bool = False
+    upcycling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if num_layers is None:
+            num_layers = getattr(text, "n_layer")
+        if self.moe_layers is None:
+            self.moe_layers = list(range(num_layers))
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+        self.validate_moe(num_layers)
+
+    def validate_moe(self, num_layers: int) -> None:
+        """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
+               "num_experts", self.num_experts, "an integer >= 1")
+        k = self.num_experts_per_tok
+        _check(isinstance(k, int) and 1 <= k <= self.num_experts,
+               "num_experts_per_tok", k, f"an integer in [1, num_experts={self.num_experts}]")
+        layers = list(self.moe_layers)
+        _check(len(layers) > 0, "moe_layers", layers, "at least one layer index")
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
+        _check(not bad, "moe_layers", bad, f"layer indices in [0, {num_layers - 1}]")
+        _check(len(set(layers)) == len(layers), "moe_layers", layers, "distinct layer indices")
+        self.moe_layers = sorted(layers)
+        _check(self.expert_kind in EXPERT_KINDS, "expert_kind", self.expert_kind, f"one of {EXPERT_KINDS}")
+        _check(isinstance(self.expert_intermediate_size, int) and self.expert_intermediate_size >= 1,
+               "expert_intermediate_size", self.expert_intermediate_size, "an integer >= 1")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0, name, value, "a number >= 0")
+        eps = self.router_jitter_noise
+        _check(isinstance(eps, (int, float)) and 0 <= eps < 1, "router_jitter_noise", eps, "a number in [0, 1)")
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"UpcycledMoeConfig.{field}={value!r} is invalid: expected {allowed}.")
+
+
+__all__ = ["UpcycledMoeConfig"]

@@ -1,0 +1,313 @@
+"""Upcycled sparse Mixture-of-Experts causal LM: a dense Transformers model whose chosen MLPs are MoE blocks.
+
+Part of the self-contained runtime folder: ``save_pretrained`` copies this file and its relative imports
+next to the weights (``auto_map``), so it imports only ``torch``, ``transformers`` and its siblings.
+
+Layout (the same as Transformers' native MoE models, e.g. Mixtral):
+
+- router ``mlp.gate.weight`` [E, H]
+- gated experts ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows first, then up) and ``mlp.experts.down_proj`` [E, H, I]
+- plain experts ``mlp.experts.up_proj`` [E, I, H] and ``mlp.experts.down_proj`` [E, H, I], with ``*_bias`` [E, out]
+
+The experts classes are decorated with ``use_experts_implementation`` so Transformers' ``grouped_mm`` /
+``batched_mm`` kernels run them (``grouped_mm`` by default); ``eager`` is the reference loop below.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.integrations.moe import use_experts_implementation
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_upcycled_moe import UpcycledMoeConfig
+from .moe_losses import load_balancing_loss, router_z_loss
+
+
+class UpcycledMoeRouter(nn.Module):
+    """Softmax top-k router with renormalised weights (Mixtral's routing), computed in float32.
+
+    With every expert an exact copy of the dense MLP, renormalised top-k weights sum to 1 and the block
+    computes exactly what the dense MLP did.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.text_config.hidden_size
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+        nn.init.normal_(self.weight, std=config.router_init_std)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [T, H] -> (logits [T, E] float32, weights [T, k] float32, indices [T, k])."""
+        router_logits = F.linear(hidden_states.float(), self.weight.float())  # [T, E]
+        probs = torch.softmax(router_logits, dim=-1)
+        top_weights, top_indices = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_weights, top_indices
+
+
+class _ExpertsBase(nn.Module):
+    """Experts stored as 3-D tensors; ``forward`` is the eager reference loop over active experts."""
+
+    def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        out = F.linear(x, getattr(self, name)[expert])
+        if self.has_bias:
+            out = out + getattr(self, f"{name}_bias")[expert]
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, T]
+            active = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in active[:, 0].tolist():
+            slot, token = torch.where(expert_mask[expert])
+            x = hidden_states[token]
+            if self.has_gate:
+                gate, up = self._project("gate_up_proj", x, expert).chunk(2, dim=-1)
+                h = self.act_fn(gate) * up
+            else:
+                h = self.act_fn(self._project("up_proj", x, expert))
+            h = self._project("down_proj", h, expert) * top_k_weights[token, slot, None]
+            final.index_add_(0, token, h.to(final.dtype))
+        return final
+
+
+def _expert_parameter(*shape: int, std: float) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape).normal_(std=std))
+
+
+@use_experts_implementation
+class UpcycledGluExperts(_ExpertsBase):
+    """Gated experts: ``down(act(x @ gate.T) * (x @ up.T))``; gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
+        super().__init__()
+        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        self.gate_up_proj = _expert_parameter(E, 2 * I, H, std=std)
+        self.down_proj = _expert_parameter(E, H, I, std=std)
+        self.act_fn = act_fn
+
+
+@use_experts_implementation(has_bias=True)
+class UpcycledGluBiasExperts(_ExpertsBase):
+    """Gated experts with biases (Llama/Granite ``mlp_bias=True``): gate_up_proj_bias [E, 2I], down_proj_bias [E, H]."""
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
+        super().__init__()
+        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        self.gate_up_proj = _expert_parameter(E, 2 * I, H, std=std)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj = _expert_parameter(E, H, I, std=std)
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        self.act_fn = act_fn
+
+
+@use_experts_implementation(has_gate=False, has_bias=True)
+class UpcycledMlpExperts(_ExpertsBase):
+    """Non-gated experts with biases (GPT-2, GPT-NeoX): ``down(act(x @ up.T + b_up)) + b_down``."""
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
+        super().__init__()
+        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        self.up_proj = _expert_parameter(E, I, H, std=std)
+        self.up_proj_bias = nn.Parameter(torch.zeros(E, I))
+        self.down_proj = _expert_parameter(E, H, I, std=std)
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        self.act_fn = act_fn
+
+
+def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
+    """The experts class for ``config.expert_kind`` / ``config.expert_bias``."""
+    if config.expert_kind == "mlp":
+        if not config.expert_bias:
+            raise ValueError("expert_kind='mlp' requires expert_bias=True (GPT-2 / GPT-NeoX style experts).")
+        return UpcycledMlpExperts
+    return UpcycledGluBiasExperts if config.expert_bias else UpcycledGluExperts
+
+
+class UpcycledSparseMoeBlock(nn.Module):
+    """Drop-in replacement of a dense MLP: route each token to k of E experts and mix their outputs.
+
+    ``y = sum_{e in topk(x)} w_e(x) * expert_e(x)`` with ``w`` the renormalised top-k softmax weights.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None):
+        super().__init__()
+        self.jitter_noise = config.router_jitter_noise
+        self.gate = UpcycledMoeRouter(config)
+        self.experts = experts_class(config)(config, act_fn)
+        self.dropout = dropout if dropout is not None else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [..., H] -> [..., H]."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
+        router_input = x
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            router_input = x * noise
+        _, top_weights, top_indices = self.gate(router_input)
+        out = self.experts(x, top_indices, top_weights.to(x.dtype))
+        return self.dropout(out.reshape(shape))
+
+
+def _resolve(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class UpcycledMoePreTrainedModel(PreTrainedModel):
+    config_class = UpcycledMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    # The dense subtree is initialised by the dense model's own ``_init_weights``; routers and experts are
+    # initialised in their constructors.
+
+
+class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
+    """A dense causal LM (``self.model``, built from ``config.text_config``) with MoE blocks in ``config.moe_layers``.
+
+    ``forward`` returns the dense model's LM loss plus ``router_aux_loss_coef * load_balancing_loss``
+    and ``router_z_loss_coef * z_loss`` (averaged over MoE layers) when labels are given.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        dense_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        self.model = dense_class(config.text_config)
+        layers = _resolve(self.model, config.decoder_layers_path)
+        for index in config.moe_layers:
+            dense_mlp = getattr(layers[index], config.mlp_module_name)
+            dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
+            block = UpcycledSparseMoeBlock(config, act_fn=getattr(dense_mlp, config.mlp_activation_attr), dropout=dropout)
+            setattr(layers[index], config.mlp_module_name, block)
+        self.post_init()
+
+    # -- delegation to the dense model ---------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def moe_blocks(self) -> list[UpcycledSparseMoeBlock]:
+        """The MoE blocks in layer order (one per entry of ``config.moe_layers``)."""
+        return [m for m in self.model.modules() if isinstance(m, UpcycledSparseMoeBlock)]
+
+    @contextmanager
+    def _record_router_logits(self, enabled: bool) -> Iterator[list[torch.Tensor]]:
+        records: list[torch.Tensor] = []
+        handles = []
+        if enabled:
+            for block in self.moe_blocks():
+                handles.append(block.gate.register_forward_hook(lambda _m, _i, out: records.append(out[0])))
+        try:
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Run the dense model with MoE blocks; ``router_logits`` is a tuple of [B*S, E] float32 tensors."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
+        with self._record_router_logits(output_router_logits or want_aux) as router_logits:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        loss, aux_loss = outputs.loss, None
+        if router_logits:
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            k = self.config.num_experts_per_tok
+            aux_loss = torch.stack([load_balancing_loss(r, k, mask) for r in router_logits]).mean()
+            if loss is not None and want_aux:
+                z_loss = torch.stack([router_z_loss(r, mask) for r in router_logits]).mean()
+                extra = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                loss = loss + extra.to(loss.device, loss.dtype) * self._aux_weight(labels, kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(router_logits) if output_router_logits else None,
+        )
+
+    @staticmethod
+    def _aux_weight(labels: torch.Tensor, kwargs: dict) -> float | torch.Tensor:
+        """Share of this micro-batch in the accumulated batch.
+
+        Under gradient accumulation the Trainer passes ``num_items_in_batch`` (label tokens of the whole
+        accumulated batch) and sums the micro-batch losses without dividing them: the LM loss is already a
+        sum over that count, so the per-micro-batch mean auxiliary losses are weighted by their token share
+        to make the total their token-weighted mean instead of ``accumulation_steps`` times it.
+        """
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is None:
+            return 1.0
+        local = (labels[..., 1:] != -100).sum()
+        return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp_min(1)
+
+
+__all__ = [
+    "UpcycledMoeForCausalLM",
+    "UpcycledMoePreTrainedModel",
+    "UpcycledSparseMoeBlock",
+    "UpcycledMoeRouter",
+    "UpcycledGluExperts",
+    "UpcycledGluBiasExperts",
+    "UpcycledMlpExperts",
+]
