@@ -1,0 +1,89 @@
+"""``moe-upcycle`` command line: ``moe-upcycle convert SOURCE OUTPUT ...`` and ``moe-upcycle demo``.
+
+Bad input ends with one ``moe-upcycle: error: ...`` line on stderr and exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import UpcycleError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from .convert.options import LAYER_SPEC_HELP
+
+    p = sub.add_parser("convert", help="upcycle a dense checkpoint into a sparse MoE checkpoint",
+                       description="Upcycle a dense causal LM (local folder or Hub id) into a sparse MoE model.")
+    p.add_argument("source", help="local folder or Hub model id of the dense model")
+    p.add_argument("output", help="folder to write the MoE model to (must not exist or be empty)")
+    p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--layers", default="all", help=f"MoE layers: {LAYER_SPEC_HELP} (default all)")
+    p.add_argument("--router-init-std", type=float, default=0.02, help="std of the random router (default 0.02)")
+    p.add_argument("--expert-noise", type=float, default=0.0,
+                   help="relative Gaussian noise per expert; > 0 breaks exactness on purpose (default 0)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype of the written weights (default: the source's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of router and noise initialisation")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub source")
+    p.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight")
+    p.add_argument("--router-z-loss-coef", type=float, default=0.001, help="router z-loss weight")
+    p.add_argument("--router-jitter-noise", type=float, default=0.0, help="router input jitter in training")
+    p.add_argument("--verify", action="store_true", help="compare dense and MoE logits after converting")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import UpcycleOptions, upcycle
+
+    options = UpcycleOptions(
+        num_experts=args.num_experts, top_k=args.top_k, layers=args.layers, router_init_std=args.router_init_std,
+        expert_noise=args.expert_noise, dtype=args.dtype, max_shard_size=args.max_shard_size, seed=args.seed,
+        revision=args.revision, verify=args.verify, overwrite=args.overwrite,
+        router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
+        router_jitter_noise=args.router_jitter_noise,
+    )
+    result = upcycle(args.source, args.output, options)
+    print(f"wrote {result.output} in {result.seconds:.1f}s: {len(result.shards)} shard(s), "
+          f"{result.bytes_written / 1e9:.3f} GB")
+    print(f"MoE layers {result.moe_layers}; {options.num_experts} experts, top-{options.top_k}; "
+          f"parameters {result.total_params:,} total, {result.active_params:,} active per token")
+    for note in result.notes:
+        print(note)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build a small dense Llama locally, upcycle it, verify it and generate")
+    p.add_argument("--workdir", default="demo_run", help="folder for the demo's outputs (default demo_run)")
+    p.set_defaults(func=lambda args: __import__("moe_upcycle.demo", fromlist=["run"]).run(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-upcycle", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UpcycleError as err:
+        print(f"moe-upcycle: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-upcycle: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

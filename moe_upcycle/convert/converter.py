@@ -1,0 +1,147 @@
+"""``upcycle()``: stream a dense safetensors checkpoint into an ``UpcycledMoeForCausalLM`` checkpoint.
+
+Sparse upcycling (Komatsuzaki et al. 2023, arXiv 2212.05055): each chosen layer's MLP is copied into E
+experts and a new router picks k of them per token. With exact copies, a small random router and
+renormalised top-k weights (which sum to 1) the MoE model computes exactly what the dense model did.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+from transformers.dynamic_module_utils import custom_object_save
+
+from .. import __version__
+from ..adapters import get_adapter
+from ..errors import CheckpointError, InvalidOptionError, VerificationError
+from ..hub import resolve_source
+from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
+from .options import UpcycleOptions, resolve_layers
+from .output import atomic_folder, check_output, copy_side_files
+from .plan import PlanBuilder, check_against_model
+from .safetensors_io import SafetensorsCheckpoint, write_sharded
+from .verify import verify_conversion
+
+logger = logging.getLogger("moe_upcycle")
+
+EXACT_TOLERANCE = 1e-4  # float32 logits; measured differences are ~1e-7
+
+
+@dataclass
+class UpcycleResult:
+    """What a conversion produced."""
+
+    output: Path
+    moe_layers: list[int]
+    shards: list[str]
+    total_params: int
+    active_params: int
+    bytes_written: int
+    seconds: float
+    max_logit_diff: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_dense_config(folder: Path):
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass the folder of a Transformers checkpoint")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {err}") from None
+
+
+def _parameter_counts(plan, options: UpcycleOptions) -> tuple[int, int]:
+    """(total, active per token) parameter counts; tied weights are written, and counted, once."""
+    total = sum(t.nbytes // t.dtype.itemsize for t in plan)
+    experts = sum(t.nbytes // t.dtype.itemsize for t in plan if ".experts." in t.name)
+    inactive = experts * (options.num_experts - options.top_k) // options.num_experts
+    return total, total - inactive
+
+
+def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | None = None, **kwargs) -> UpcycleResult:
+    """Convert the dense causal LM ``source`` (local folder or Hub id) into a sparse MoE model in ``output``.
+
+    Options are an :class:`UpcycleOptions` or its fields as keyword arguments, e.g.
+    ``upcycle("Qwen/Qwen2.5-0.5B", "out", num_experts=8, top_k=2, layers="every:2")``.
+    Nothing is written unless the whole conversion (and ``verify``, if asked) succeeds; the output then
+    appears at once. Raises :class:`moe_upcycle.errors.UpcycleError` subclasses on bad input.
+    """
+    if options is None:
+        try:
+            options = UpcycleOptions(**kwargs)
+        except TypeError as err:
+            raise InvalidOptionError(str(err)) from None
+    elif kwargs:
+        raise InvalidOptionError("pass either an UpcycleOptions object or keyword options, not both")
+    start = time.perf_counter()
+    output = Path(output)
+    check_output(output, options.overwrite)
+    folder = resolve_source(str(source), options.revision)
+    dense_config = _load_dense_config(folder)
+    adapter = get_adapter(dense_config)
+    layers = resolve_layers(options.layers, dense_config.num_hidden_layers)
+    reader = SafetensorsCheckpoint(folder)
+    builder = PlanBuilder(reader, adapter, dense_config, layers, options)
+    plan = builder.build()
+
+    dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)
+    recipe = {"method": "sparse_upcycling", "source": str(source), "revision": options.revision,
+              "moe_upcycle_version": __version__, **options.recipe()}
+    try:
+        moe_config = UpcycledMoeConfig(
+            text_config=dense_config,
+            num_experts=options.num_experts,
+            num_experts_per_tok=options.top_k,
+            moe_layers=layers,
+            expert_intermediate_size=builder.expert_intermediate_size(),
+            router_aux_loss_coef=options.router_aux_loss_coef,
+            router_z_loss_coef=options.router_z_loss_coef,
+            router_jitter_noise=options.router_jitter_noise,
+            router_init_std=options.router_init_std,
+            upcycling=recipe,
+            **adapter.moe_config_fields(dense_config),
+        )
+    except ValueError as err:
+        raise InvalidOptionError(str(err)) from None
+    moe_config.dtype = dtype
+    moe_config.text_config.dtype = dtype
+    meta_model = check_against_model(plan, moe_config)
+
+    total_bytes = sum(t.nbytes for t in plan)
+    with atomic_folder(output, options.overwrite) as tmp:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", leave=False) as bar:
+            shards = write_sharded(tmp, plan, options.max_shard_bytes, bar.update)
+        custom_object_save(meta_model, tmp, config=moe_config)
+        moe_config.save_pretrained(tmp)
+        copy_side_files(folder, tmp)
+        max_diff = None
+        notes = []
+        if options.verify:
+            max_diff = verify_conversion(folder, tmp)
+            reasons = []
+            if not options.is_exact:
+                reasons.append(f"expert_noise={options.expert_noise}")
+            if options.torch_dtype is not None and any(
+                reader.info[k].dtype.is_floating_point and reader.info[k].dtype != options.torch_dtype for k in reader.info
+            ):
+                reasons.append(f"dtype={options.dtype} differs from the source")
+            if reasons:
+                notes.append(f"max |logit diff| {max_diff:.3g} (not expected to be exact: {', '.join(reasons)})")
+            elif max_diff > EXACT_TOLERANCE:
+                raise VerificationError(
+                    f"the upcycled model's logits differ from the dense model's by {max_diff:.3g} "
+                    f"(> {EXACT_TOLERANCE}) although the recipe is exact; please report this with the source model"
+                )
+            else:
+                notes.append(f"max |logit diff| {max_diff:.3g}: the MoE model computes what the dense model did")
+    total, active = _parameter_counts(plan, options)
+    return UpcycleResult(
+        output=output.resolve(), moe_layers=layers, shards=shards, total_params=total, active_params=active,
+        bytes_written=total_bytes, seconds=time.perf_counter() - start, max_logit_diff=max_diff, notes=notes,
+    )

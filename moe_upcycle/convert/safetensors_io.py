@@ -1,0 +1,211 @@
+"""Streaming safetensors I/O: a lazy checkpoint reader and a writer that never holds a whole shard.
+
+The writer is given the full plan (name, dtype, shape of every tensor) up front, writes each shard's
+header first and then streams tensor bytes in chunks (for experts: one expert at a time), so peak memory
+is one source tensor plus one expert slice, whatever the model or shard size.
+Format: https://huggingface.co/docs/safetensors (8-byte little-endian header length, JSON header, data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+_MAX_HEADER = 100 * 1024 * 1024
+
+DTYPE_TO_SAFE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+SAFE_TO_DTYPE = {v: k for k, v in DTYPE_TO_SAFE.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, read from a shard header without loading data."""
+
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict:
+    """Parse and check a safetensors header; raise :class:`CheckpointError` naming the file if it is corrupt."""
+    fix = "the file is damaged or incomplete: download or copy it again"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header = json.loads(f.read(length))
+        data_size = size - 8 - length
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in SAFE_TO_DTYPE or not 0 <= begin <= end <= data_size:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r} / offsets {begin}..{end} "
+                                 f"outside the {data_size}-byte data section")
+    except (ValueError, KeyError, TypeError, struct.error) as err:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err}); {fix}") from None
+    return header
+
+
+class SafetensorsCheckpoint:
+    """A lazily read, possibly sharded, safetensors checkpoint folder.
+
+    Every shard's header is checked when the checkpoint is opened, so a missing or corrupt shard fails
+    before anything is written; tensor data is read on demand, one shard kept open at a time.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.info: dict[str, TensorInfo] = {}
+        for shard in self._shards():
+            for name, entry in read_header(self.folder / shard).items():
+                if name != "__metadata__":
+                    self.info[name] = TensorInfo(shard, SAFE_TO_DTYPE[entry["dtype"]], tuple(entry["shape"]))
+        self._open_name: str | None = None
+        self._open_file = None
+
+    def _shards(self) -> list[str]:
+        index = self.folder / SAFE_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{index} is not a valid index ({err}); download or copy it again") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (self.folder / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"shard(s) {', '.join(missing)} named in {index} are missing from {self.folder}; "
+                    "download the complete checkpoint again"
+                )
+            return shards
+        if (self.folder / SAFE_SINGLE).is_file():
+            return [SAFE_SINGLE]
+        found = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if found:
+            return found
+        pickled = sorted({p.name for pattern in PICKLE_PATTERNS for p in self.folder.glob(pattern)})
+        if pickled:
+            raise CheckpointError(
+                f"{self.folder} has only pickled weights ({', '.join(pickled)}); moe-upcycle never unpickles files. "
+                "Convert the checkpoint to safetensors on a machine you trust "
+                "(load it and call save_pretrained), then upcycle that folder"
+            )
+        raise CheckpointError(f"{self.folder} has no *.safetensors weights")
+
+    def keys(self) -> list[str]:
+        return list(self.info)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a copy, detached from the file)."""
+        shard = self.info[name].shard
+        if self._open_name != shard:
+            self._open_file = safe_open(str(self.folder / shard), framework="pt")
+            self._open_name = shard
+        return self._open_file.get_tensor(name)
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its name, dtype, shape and a function producing its data in chunks.
+
+    ``chunks()`` yields contiguous tensors of ``dtype`` whose concatenation (in row-major order) is the
+    whole tensor; their total size must equal ``numel * itemsize``.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy split, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _header_bytes(tensors: list[PlannedTensor]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_TO_SAFE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_tensor(f, tensor: PlannedTensor, progress: Callable[[int], None]) -> None:
+    written = 0
+    for chunk in tensor.chunks():
+        if chunk.dtype != tensor.dtype:
+            raise CheckpointError(f"internal error: {tensor.name} chunk has dtype {chunk.dtype}, planned {tensor.dtype}")
+        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(memoryview(data))
+        written += data.nbytes
+        progress(data.nbytes)
+    if written != tensor.nbytes:
+        raise CheckpointError(f"internal error: wrote {written} bytes for {tensor.name}, planned {tensor.nbytes}")
+
+
+def write_sharded(
+    folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int, progress: Callable[[int], None] = lambda n: None
+) -> list[str]:
+    """Write ``tensors`` as ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` plus the index.
+
+    Returns the shard file names.
+    """
+    shards = plan_shards(tensors, max_shard_bytes)
+    names = [SAFE_SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        with open(folder / name, "wb") as f:
+            f.write(_header_bytes(shard))
+            for tensor in shard:
+                _write_tensor(f, tensor, progress)
+                weight_map[tensor.name] = name
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def iter_expert_slices(base: torch.Tensor, num_experts: int, perturb: Callable[[int, torch.Tensor], torch.Tensor] | None) -> Iterator[torch.Tensor]:
+    """Yield ``num_experts`` copies of ``base`` (optionally perturbed per expert), one at a time."""
+    for expert in range(num_experts):
+        yield base if perturb is None else perturb(expert, base)

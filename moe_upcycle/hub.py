@@ -1,0 +1,62 @@
+"""Resolve a source model (local folder or Hub id) to a local folder, downloading only what conversion reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .errors import InvalidOptionError, SourceNotFoundError
+
+# Config, tokenizer, generation config and safetensors weights; never pickled weights.
+DOWNLOAD_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+    "LICENSE*",
+]
+
+
+def resolve_source(source: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """Return a local folder holding ``source``'s config, tokenizer and safetensors weights.
+
+    A local folder is used as it is; anything else must be a Hub model id, fetched with
+    ``huggingface_hub.snapshot_download`` (token, endpoint and offline mode from the usual environment).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise InvalidOptionError(f"revision={revision!r} applies to Hub ids only, and {source} is a local folder")
+        return path
+    if path.exists():
+        raise SourceNotFoundError(f"{source} is a file; pass the folder holding config.json and the weights")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise SourceNotFoundError(
+            f"{source!r} is neither an existing local folder nor a valid Hub model id (such as 'org/name')"
+        ) from None
+    try:
+        folder = snapshot_download(source, revision=revision, cache_dir=cache_dir, allow_patterns=DOWNLOAD_PATTERNS)
+    except RevisionNotFoundError:
+        raise SourceNotFoundError(f"revision {revision!r} does not exist in Hub repo {source!r}") from None
+    except RepositoryNotFoundError:
+        raise SourceNotFoundError(
+            f"Hub repo {source!r} was not found (or is private: log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise SourceNotFoundError(
+            f"{source!r} is not a local folder and could not be downloaded (offline, or the Hub is unreachable); "
+            "pass a local folder or connect to the Hub"
+        ) from None
+    return Path(folder)
