@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from ..adapters import ArchitectureAdapter, ExpertTensor
 from ..errors import CheckpointError
@@ -32,35 +34,45 @@ class DenseLayout:
     tied_targets: frozenset[str]
     base_prefix: str
     ignore_unexpected: tuple[str, ...]
+    renamings: tuple[WeightRenaming, ...]
+    converters: tuple[WeightConverter, ...]
 
 
 def dense_layout(config: PreTrainedConfig) -> DenseLayout:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    transforms = get_model_conversion_mapping(model)
     return DenseLayout(
         shapes=shapes,
         tied_targets=frozenset(model.all_tied_weights_keys),
         base_prefix=model.base_model_prefix,
         ignore_unexpected=tuple(model._keys_to_ignore_on_load_unexpected or ()),
+        renamings=tuple(t for t in transforms if isinstance(t, WeightRenaming)),
+        converters=tuple(t for t in transforms if isinstance(t, WeightConverter)),
     )
 
 
 def match_source_keys(source: Iterable[str], layout: DenseLayout) -> dict[str, str]:
     """Map each dense model tensor name to the source checkpoint key holding it.
 
-    Checkpoints may store names with or without the base-model prefix (``transformer.h.0...`` vs
-    ``h.0...`` for GPT-2). Raises :class:`CheckpointError` on unknown or missing tensors.
+    Keys are renamed exactly as ``from_pretrained`` would: Transformers' own legacy renamings for the
+    family (``embed_out`` -> ``lm_head`` for GPT-NeoX, ...) and an added or stripped base-model prefix
+    (``h.0...`` vs ``transformer.h.0...`` for GPT-2). Raises :class:`CheckpointError` on unknown or
+    missing tensors.
     """
     found: dict[str, str] = {}
     unexpected = []
-    prefix = layout.base_prefix + "."
     for key in source:
-        candidates = [key, prefix + key]
-        if key.startswith(prefix):
-            candidates.append(key[len(prefix):])
-        name = next((c for c in candidates if c in layout.shapes), None)
-        if name is not None:
+        name, converter = rename_source_key(
+            key, list(layout.renamings), list(layout.converters), layout.base_prefix, layout.shapes
+        )
+        if converter is not None:
+            raise CheckpointError(
+                f"tensor {key} is stored in a legacy layout that needs conversion ({converter}); load the model "
+                "with from_pretrained and save_pretrained it once, then upcycle the saved folder"
+            )
+        if name in layout.shapes:
             found[name] = key
         elif not any(re.search(pattern, key) for pattern in layout.ignore_unexpected):
             unexpected.append(key)
