@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 
@@ -40,6 +39,8 @@ class TensorInfo:
     shard: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the shard file
+    nbytes: int
 
 
 def read_header(path: Path) -> dict:
@@ -62,6 +63,7 @@ def read_header(path: Path) -> dict:
                                  f"outside the {data_size}-byte data section")
     except (ValueError, KeyError, TypeError, struct.error) as err:
         raise CheckpointError(f"{path} is not a valid safetensors file ({err}); {fix}") from None
+    header["__header_length__"] = length
     return header
 
 
@@ -76,9 +78,19 @@ class SafetensorsCheckpoint:
         self.folder = Path(folder)
         self.info: dict[str, TensorInfo] = {}
         for shard in self._shards():
-            for name, entry in read_header(self.folder / shard).items():
+            header = read_header(self.folder / shard)
+            data_start = 8 + header.pop("__header_length__")
+            for name, entry in header.items():
                 if name != "__metadata__":
-                    self.info[name] = TensorInfo(shard, SAFE_TO_DTYPE[entry["dtype"]], tuple(entry["shape"]))
+                    begin, end = entry["data_offsets"]
+                    info = TensorInfo(shard, SAFE_TO_DTYPE[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin)
+                    numel = 1
+                    for dim in info.shape:
+                        numel *= dim
+                    if numel * info.dtype.itemsize != info.nbytes:
+                        raise CheckpointError(f"{self.folder / shard}: tensor {name!r} has {info.nbytes} bytes for shape "
+                                              f"{list(info.shape)}; the file is damaged: download or copy it again")
+                    self.info[name] = info
         self._open_name: str | None = None
         self._open_file = None
 
@@ -115,12 +127,29 @@ class SafetensorsCheckpoint:
         return list(self.info)
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a copy, detached from the file)."""
-        shard = self.info[name].shard
-        if self._open_name != shard:
-            self._open_file = safe_open(str(self.folder / shard), framework="pt")
-            self._open_name = shard
-        return self._open_file.get_tensor(name)
+        """Read one tensor into fresh memory.
+
+        Plain reads at the header's offsets rather than a memory map: mapped pages of the whole shard would
+        stay resident while it is open, and peak memory would grow with the shard size.
+        """
+        info = self.info[name]
+        if self._open_name != info.shard:
+            if self._open_file is not None:
+                self._open_file.close()
+            self._open_file = open(self.folder / info.shard, "rb")
+            self._open_name = info.shard
+        buffer = bytearray(info.nbytes)
+        self._open_file.seek(info.offset)
+        if self._open_file.readinto(buffer) != info.nbytes:
+            raise CheckpointError(f"{self.folder / info.shard} ended inside tensor {name!r}; download or copy it again")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._open_file is not None:
+            self._open_file.close()
+            self._open_file, self._open_name = None, None
 
 
 @dataclass
