@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -13,7 +13,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import InvalidOptionError, SourceNotFoundError
+from .errors import CheckpointError, InvalidOptionError, SourceNotFoundError
 
 # Config, tokenizer, generation config and safetensors weights; never pickled weights.
 DOWNLOAD_PATTERNS = [
@@ -59,4 +59,22 @@ def resolve_source(source: str, revision: str | None = None, cache_dir: str | No
             f"{source!r} is not a local folder and could not be downloaded (offline, or the Hub is unreachable); "
             "pass a local folder or connect to the Hub"
         ) from None
-    return Path(folder)
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        _refuse_without_safetensors(source, revision)
+    return folder
+
+
+def _refuse_without_safetensors(source: str, revision: str | None) -> None:
+    """Say whether the repo has pickled weights only (which are never downloaded) or no weights at all."""
+    try:
+        files = HfApi().list_repo_files(source, revision=revision)
+    except Exception:  # offline or unreachable: the folder check in the reader will speak
+        return
+    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    if pickled:
+        raise CheckpointError(
+            f"Hub repo {source!r} has only pickled weights ({', '.join(pickled[:3])}); moe-upcycle never unpickles "
+            "files. Convert them to safetensors on a machine you trust (load and save_pretrained), or use a "
+            "revision that has *.safetensors"
+        )
