@@ -96,7 +96,8 @@ def main() -> None:
         wall, rss = run_measured(["convert", str(source), str(out), "--num-experts", str(experts), "--top-k", "2",
                                   "--overwrite"])
         out_gb = folder_bytes(out) / 1e9
-        print(f"{'moe-upcycle E=' + str(experts):<26}{out_gb:>10.2f}{wall:>9.1f}{out_gb / wall:>7.2f}{rss:>13.2f}{rss / out_gb:>12.2f}")
+        label = f"moe-upcycle E={experts}"
+        print(f"{label:<26}{out_gb:>10.2f}{wall:>9.1f}{out_gb / wall:>7.2f}{rss:>13.2f}{rss / out_gb:>12.2f}")
         copy = args.workdir / "copy"
         shutil.rmtree(copy, ignore_errors=True)
         wall = timed_copy(out, copy)

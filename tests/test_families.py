@@ -70,3 +70,11 @@ def test_family_partial_layers(family, tmp_path):
     layers = moe.model.get_decoder().layers if hasattr(moe.model.get_decoder(), "layers") else moe.model.transformer.h
     assert type(getattr(layers[1], moe.config.mlp_module_name)).__name__ != "UpcycledSparseMoeBlock"
     _assert_same_function(dense, moe)
+
+
+def test_llama_with_mlp_bias_uses_biased_experts(tmp_path):
+    dense_dir = build_dense("llama", tmp_path / "dense", mlp_bias=True, attention_bias=True)
+    moe_upcycle.upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=2)
+    dense, moe = _load(dense_dir), _load(tmp_path / "moe")
+    assert type(moe.moe_blocks()[0].experts).__name__ == "UpcycledGluBiasExperts"
+    _assert_same_function(dense, moe)

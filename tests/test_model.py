@@ -115,7 +115,7 @@ def test_aux_term_is_weighted_by_token_share_under_accumulation():
     total = sum(counts)
     summed = 0.0
     expected = 0.0
-    for ids, count in zip(micro, counts):
+    for ids, count in zip(micro, counts, strict=True):
         out = model(input_ids=ids, labels=ids, num_items_in_batch=total)
         lm = model.model(input_ids=ids, labels=ids, num_items_in_batch=total).loss
         summed = summed + out.loss

@@ -6,8 +6,9 @@ dense MLP tensor that becomes part of an expert tensor (weight names are API).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from transformers import PreTrainedConfig
 

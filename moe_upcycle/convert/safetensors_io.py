@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,7 +222,7 @@ def write_sharded(
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         with open(folder / name, "wb") as f:
             f.write(_header_bytes(shard))
             for tensor in shard:
@@ -233,8 +233,3 @@ def write_sharded(
         (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
 
-
-def iter_expert_slices(base: torch.Tensor, num_experts: int, perturb: Callable[[int, torch.Tensor], torch.Tensor] | None) -> Iterator[torch.Tensor]:
-    """Yield ``num_experts`` copies of ``base`` (optionally perturbed per expert), one at a time."""
-    for expert in range(num_experts):
-        yield base if perturb is None else perturb(expert, base)

@@ -79,7 +79,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
         num_layers = getattr(text, "num_hidden_layers", None)
         if num_layers is None:
-            num_layers = getattr(text, "n_layer")
+            num_layers = text.n_layer
         if self.moe_layers is None:
             self.moe_layers = list(range(num_layers))
         if self.expert_intermediate_size is None:

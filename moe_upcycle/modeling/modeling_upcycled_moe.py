@@ -15,8 +15,8 @@ The experts classes are decorated with ``use_experts_implementation`` so Transfo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,23 @@ class UpcycledMoeRouter(nn.Module):
 
 
 class _ExpertsBase(nn.Module):
-    """Experts stored as 3-D tensors; ``forward`` is the eager reference loop over active experts."""
+    """Experts stored as 3-D tensors; ``forward`` is the eager reference loop over active experts.
+
+    Gated: ``gate_up_proj`` [E, 2I, H]; plain: ``up_proj`` [E, I, H]; both: ``down_proj`` [E, H, I];
+    with biases, ``<name>_bias`` [E, out].
+    """
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module, *, gated: bool, bias: bool):
+        super().__init__()
+        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        up_name, up_dim = ("gate_up_proj", 2 * I) if gated else ("up_proj", I)
+        for name, shape in ((up_name, (E, up_dim, H)), ("down_proj", (E, H, I))):
+            setattr(self, name, nn.Parameter(torch.empty(*shape).normal_(std=std)))
+            if bias:
+                setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(E, shape[1])))
+        self.act_fn = act_fn
 
     def _project(self, name: str, x: torch.Tensor, expert: int) -> torch.Tensor:
         out = F.linear(x, getattr(self, name)[expert])
@@ -82,38 +98,20 @@ class _ExpertsBase(nn.Module):
         return final
 
 
-def _expert_parameter(*shape: int, std: float) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape).normal_(std=std))
-
-
 @use_experts_implementation
 class UpcycledGluExperts(_ExpertsBase):
-    """Gated experts: ``down(act(x @ gate.T) * (x @ up.T))``; gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    """Gated experts: ``down(act(x @ gate.T) * (x @ up.T))``."""
 
     def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
-        super().__init__()
-        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
-        std = getattr(config.text_config, "initializer_range", 0.02)
-        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
-        self.gate_up_proj = _expert_parameter(E, 2 * I, H, std=std)
-        self.down_proj = _expert_parameter(E, H, I, std=std)
-        self.act_fn = act_fn
+        super().__init__(config, act_fn, gated=True, bias=False)
 
 
 @use_experts_implementation(has_bias=True)
 class UpcycledGluBiasExperts(_ExpertsBase):
-    """Gated experts with biases (Llama/Granite ``mlp_bias=True``): gate_up_proj_bias [E, 2I], down_proj_bias [E, H]."""
+    """Gated experts with biases (Llama/Granite ``mlp_bias=True``)."""
 
     def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
-        super().__init__()
-        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
-        std = getattr(config.text_config, "initializer_range", 0.02)
-        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
-        self.gate_up_proj = _expert_parameter(E, 2 * I, H, std=std)
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
-        self.down_proj = _expert_parameter(E, H, I, std=std)
-        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
-        self.act_fn = act_fn
+        super().__init__(config, act_fn, gated=True, bias=True)
 
 
 @use_experts_implementation(has_gate=False, has_bias=True)
@@ -121,15 +119,7 @@ class UpcycledMlpExperts(_ExpertsBase):
     """Non-gated experts with biases (GPT-2, GPT-NeoX): ``down(act(x @ up.T + b_up)) + b_down``."""
 
     def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
-        super().__init__()
-        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
-        std = getattr(config.text_config, "initializer_range", 0.02)
-        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
-        self.up_proj = _expert_parameter(E, I, H, std=std)
-        self.up_proj_bias = nn.Parameter(torch.zeros(E, I))
-        self.down_proj = _expert_parameter(E, H, I, std=std)
-        self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
-        self.act_fn = act_fn
+        super().__init__(config, act_fn, gated=False, bias=True)
 
 
 def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
