@@ -1,4 +1,4 @@
-"""``moe-upcycle`` command line: ``moe-upcycle convert SOURCE OUTPUT ...`` and ``moe-upcycle demo``.
+"""``moe-upcycle`` command line: ``convert``, ``train``, ``merge``, ``evaluate`` and ``demo``.
 
 Bad input ends with one ``moe-upcycle: error: ...`` line on stderr and exit status 2, no traceback.
 """
@@ -64,18 +64,75 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: __import__("moe_upcycle.demo", fromlist=["run"]).run(args.workdir))
 
 
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a full model")
+    p.add_argument("adapter_dir", help="folder written by `moe-upcycle train --use_lora`")
+    p.add_argument("output", help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .train.merge import merge_to_folder
+
+    out = merge_to_folder(args.adapter_dir, args.output, overwrite=args.overwrite)
+    print(f"wrote the merged model to {out}")
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="perplexity of any causal LM on a validation file")
+    p.add_argument("model", help="model folder or Hub id (dense or MoE)")
+    p.add_argument("--validation_file", required=True, help=".txt, .json/.jsonl or .parquet file")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_eval_samples", type=int, default=None)
+    p.add_argument("--output_json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.evaluate_file import evaluate_file
+
+    result = evaluate_file(args.model, args.validation_file, text_column=args.text_column, block_size=args.block_size,
+                           batch_size=args.batch_size, max_eval_samples=args.max_eval_samples,
+                           trust_remote_code=args.trust_remote_code)
+    print(f"{args.model}: eval_loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+          f"({result['tokens']:,} tokens)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-upcycle", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    sub.add_parser("train", help="fine-tune with the Trainer (flags: `moe-upcycle train --help`)", add_help=False)
+    _add_merge(sub)
+    _add_evaluate(sub)
     _add_demo(sub)
     return parser
 
 
+def _run_train(argv: Sequence[str]) -> int:
+    from .train import run_training
+
+    run_training(argv)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["train"]:  # HfArgumentParser owns the training flags
+            return _run_train(argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UpcycleError as err:
         print(f"moe-upcycle: error: {err}", file=sys.stderr)

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
-from .moe_losses import load_balancing_loss, router_z_loss
+from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
 
 
 class UpcycledMoeRouter(nn.Module):
@@ -193,7 +193,14 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
             block = UpcycledSparseMoeBlock(config, act_fn=getattr(dense_mlp, config.mlp_activation_attr), dropout=dropout)
             setattr(layers[index], config.mlp_module_name, block)
+        self.routing_stats: RoutingStats | None = None
         self.post_init()
+
+    def track_routing(self, enabled: bool = True) -> RoutingStats | None:
+        """Accumulate routing statistics over training forward passes in ``self.routing_stats`` (or stop)."""
+        config = self.config
+        self.routing_stats = RoutingStats(len(config.moe_layers), config.num_experts, config.num_experts_per_tok) if enabled else None
+        return self.routing_stats
 
     # -- delegation to the dense model ---------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -245,7 +252,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
-        with self._record_router_logits(output_router_logits or want_aux) as router_logits:
+        tracking = self.routing_stats is not None and self.training
+        with self._record_router_logits(output_router_logits or want_aux or tracking) as router_logits:
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -261,6 +269,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         if router_logits:
             mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             k = self.config.num_experts_per_tok
+            if tracking:
+                self.routing_stats.update(router_logits, mask)
             aux_loss = torch.stack([load_balancing_loss(r, k, mask) for r in router_logits]).mean()
             if loss is not None and want_aux:
                 z_loss = torch.stack([router_z_loss(r, mask) for r in router_logits]).mean()

@@ -1,0 +1,95 @@
+"""Training data through ``datasets``: local text / JSON lines / parquet files or a Hub dataset, tokenised
+with the model's tokenizer and packed into ``block_size`` blocks (as in Transformers' ``run_clm.py``)."""
+
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+
+from ..errors import InvalidOptionError
+from .args import DataArguments
+
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _builder_for(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _BUILDERS:
+        raise InvalidOptionError(f"{path}: unsupported data file type {suffix!r}; use one of {sorted(_BUILDERS)}")
+    return _BUILDERS[suffix]
+
+
+def load_raw(data: DataArguments) -> DatasetDict | dict:
+    """Raw text splits ``train`` and ``validation`` (carved from train when none is given)."""
+    if data.dataset_name is not None:
+        if data.train_file is not None:
+            raise InvalidOptionError("give either --dataset_name or --train_file, not both")
+        raw = load_dataset(data.dataset_name, data.dataset_config_name, streaming=data.streaming)
+    elif data.train_file is not None:
+        files = {"train": data.train_file}
+        if data.validation_file is not None:
+            files["validation"] = data.validation_file
+        for split, path in files.items():
+            if not Path(path).is_file():
+                raise InvalidOptionError(f"--{split if split == 'validation' else 'train'}_file {path} does not exist")
+        builders = {_builder_for(p) for p in files.values()}
+        if len(builders) > 1:
+            raise InvalidOptionError(f"training and validation files must have the same type, got {sorted(builders)}")
+        builder = builders.pop()
+        # Plain text is prose: one example per paragraph (blank-line separated), not per line.
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        raw = load_dataset(builder, data_files=files, **kwargs)
+    else:
+        raise InvalidOptionError("no training data: pass --train_file FILE or --dataset_name HUB_ID")
+    if "validation" not in raw:
+        if data.streaming:
+            raise InvalidOptionError("a streamed dataset without a validation split needs --validation_file")
+        if not 0 < data.validation_split_percentage < 100:
+            raise InvalidOptionError(
+                f"validation_split_percentage={data.validation_split_percentage} is invalid: expected 1..99"
+            )
+        split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0, shuffle=False)
+        raw = DatasetDict(train=split["train"], validation=split["test"])
+    columns = raw["train"].column_names
+    if columns is not None and data.text_column not in columns:
+        raise InvalidOptionError(f"text column {data.text_column!r} is not in the data; its columns are {columns}")
+    return raw
+
+
+def pack(raw, tokenizer, data: DataArguments):
+    """Tokenise the text column and concatenate it into blocks of ``block_size`` tokens with ``labels``."""
+    block = data.block_size
+    if block < 2:
+        raise InvalidOptionError(f"block_size={block} is invalid: expected an integer >= 2")
+
+    def tokenize(batch):
+        # Paragraphs of a text file are joined by a blank line; records of JSON/parquet data are
+        # separate documents, ended by the EOS token.
+        end = "\n\n" if data.paragraphs else (tokenizer.eos_token or "")
+        return tokenizer([t + end for t in batch[data.text_column] if t])
+
+    def group(batch):
+        joined = {k: list(chain(*batch[k])) for k in batch}
+        total = (len(joined["input_ids"]) // block) * block
+        out = {k: [v[i : i + block] for i in range(0, total, block)] for k, v in joined.items()}
+        out["labels"] = [ids.copy() for ids in out["input_ids"]]
+        return out
+
+    packed = {}
+    for split, dataset in raw.items():
+        columns = dataset.column_names
+        kwargs = {} if isinstance(dataset, IterableDataset) else {"desc": f"tokenising {split}"}
+        tokens = dataset.map(tokenize, batched=True, remove_columns=columns, **kwargs)
+        kwargs = {} if isinstance(dataset, IterableDataset) else {"desc": f"packing {split} into {block}-token blocks"}
+        packed[split] = tokens.map(group, batched=True, **kwargs)
+    for split, limit in (("train", data.max_train_samples), ("validation", data.max_eval_samples)):
+        if limit is not None and split in packed:
+            ds = packed[split]
+            packed[split] = ds.take(limit) if isinstance(ds, IterableDataset) else ds.select(range(min(limit, len(ds))))
+    if isinstance(packed.get("validation"), Dataset) and len(packed["validation"]) == 0:
+        raise InvalidOptionError(
+            f"the validation split holds fewer than block_size={block} tokens; give more text or a smaller block_size"
+        )
+    return packed

@@ -1,0 +1,118 @@
+"""What to train: LoRA through PEFT (attention as ``target_modules``, experts as ``target_parameters``,
+routers fully trained via ``modules_to_save``), full fine-tuning, or the routers alone."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import InvalidOptionError
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledSparseMoeBlock
+from .args import LORA_GROUPS, MoeArguments
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Resolve LoRA target groups and module names to (target_modules, target_parameters, modules_to_save).
+
+    Groups: ``attention`` (every linear layer inside an attention module), ``experts`` (the fused expert
+    tensors), ``dense_mlp`` (linear layers of MLPs left dense), ``router`` (trained fully). Anything else
+    is a module name that must match at least one linear layer.
+    """
+    modules = dict(model.named_modules())
+    linears = _linear_modules(model)
+    moe_blocks = {n: m for n, m in modules.items() if isinstance(m, UpcycledSparseMoeBlock)}
+    config = getattr(model, "config", None)
+    mlp_name = getattr(config, "mlp_module_name", "mlp")
+    target_modules: list[str] = []
+    target_parameters: list[str] = []
+    modules_to_save: list[str] = []
+    for target in targets:
+        if target == "attention":
+            found = [n for n in linears if "attention" in type(modules[_parent(n)]).__name__.lower()]
+            if not found:
+                raise InvalidOptionError("lora_target 'attention' matched no linear layer inside an attention module")
+            target_modules += found
+        elif target == "experts":
+            if not moe_blocks:
+                raise InvalidOptionError("lora_target 'experts' needs an upcycled MoE model; this one has no MoE layers")
+            names = {p for block in moe_blocks.values() for p, _ in block.experts.named_parameters() if not p.endswith("_bias")}
+            target_parameters += sorted(f"{mlp_name}.experts.{p}" for p in names)
+        elif target == "dense_mlp":
+            found = [n for n in linears if _parent(n).endswith("." + mlp_name) and _parent(n) not in moe_blocks]
+            if not found:
+                raise InvalidOptionError("lora_target 'dense_mlp' matched nothing: every MLP of this model is a MoE block")
+            target_modules += found
+        elif target == "router":
+            if not moe_blocks:
+                raise InvalidOptionError("lora_target 'router' needs an upcycled MoE model; this one has no routers")
+            modules_to_save.append(f"{mlp_name}.gate")
+        else:
+            found = [n for n in linears if n == target or n.endswith("." + target)]
+            if not found:
+                available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+                raise InvalidOptionError(
+                    f"lora_target {target!r} matches no module; groups are {', '.join(LORA_GROUPS)} and linear "
+                    f"module names are {', '.join(available)}"
+                )
+            target_modules += found
+    return sorted(set(target_modules)), target_parameters, modules_to_save
+
+
+def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
+    """Wrap or freeze ``model`` as ``moe`` asks; print what trains."""
+    is_moe = isinstance(model, UpcycledMoeForCausalLM)
+    if moe.router_only:
+        if not is_moe:
+            raise InvalidOptionError("--router_only needs an upcycled MoE model; this model has no routers")
+        for name, param in model.named_parameters():
+            param.requires_grad = ".gate." in name and name.endswith("gate.weight") and ".mlp." in name
+    elif moe.use_lora:
+        targets = moe.lora_targets
+        if moe.train_router and is_moe and "router" not in targets:
+            targets = [*targets, "router"]
+        if not is_moe:
+            wanted = [t for t in targets if t in ("experts", "router")]
+            if wanted:
+                raise InvalidOptionError(
+                    f"lora_target {wanted} needs an upcycled MoE model, and {type(model).__name__} is dense; "
+                    "convert it first with `moe-upcycle convert`, or adapt only attention/dense_mlp"
+                )
+        target_modules, target_parameters, modules_to_save = find_targets(model, targets)
+        if target_parameters and moe.lora_dropout != 0:
+            raise InvalidOptionError(f"lora_dropout={moe.lora_dropout} is invalid with expert targets: PEFT needs 0")
+        config = LoraConfig(
+            r=moe.lora_r, lora_alpha=moe.lora_alpha, lora_dropout=moe.lora_dropout, task_type="CAUSAL_LM",
+            target_modules=target_modules or None, target_parameters=target_parameters or None,
+            modules_to_save=modules_to_save or None,
+        )
+        model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def base_moe_model(model: nn.Module) -> UpcycledMoeForCausalLM | None:
+    """The ``UpcycledMoeForCausalLM`` inside ``model`` (PEFT- or DDP-wrapped), or ``None``."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    model = getattr(model, "module", model)
+    return model if isinstance(model, UpcycledMoeForCausalLM) else None
+
+
+def merge_adapter(adapter_dir: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load the base model named in ``adapter_dir`` with the adapter and merge it into the weights."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
+    return model.merge_and_unload()

@@ -1,0 +1,91 @@
+"""The training recipe: Trainer + (optionally) PEFT LoRA on an upcycled model, with routing statistics.
+
+    moe-upcycle train --config configs/finetune_demo_lora.yaml
+    python scripts/train.py --model_name_or_path out --train_file text.txt --use_lora --output_dir run
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
+
+from ..errors import InvalidOptionError
+from ..evaluation import compute_metrics, preprocess_logits_for_metrics
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
+from .args import parse_train_args
+from .callbacks import RoutingStatsCallback
+from .data import load_raw, pack
+from .lora import prepare_model
+
+
+def _load_model(model_args, moe_args):
+    path = model_args.model_name_or_path
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+        raise InvalidOptionError(f"--model_name_or_path {path} has no config.json; pass a model folder or Hub id")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+    )
+    is_moe = isinstance(model, UpcycledMoeForCausalLM) or hasattr(model.config, "num_experts_per_tok")
+    moe_only = [name for name, value in (
+        ("--router_only", moe_args.router_only),
+        ("--router_aux_loss_coef", moe_args.router_aux_loss_coef is not None),
+        ("--router_z_loss_coef", moe_args.router_z_loss_coef is not None),
+    ) if value]
+    if moe_only and not is_moe:
+        raise InvalidOptionError(
+            f"{', '.join(moe_only)} need an upcycled MoE model, and {path} is a dense {model.config.model_type} model; "
+            "convert it first with `moe-upcycle convert`"
+        )
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(moe_args, name)
+        if value is not None:
+            if value < 0:
+                raise InvalidOptionError(f"{name}={value} is invalid: expected a number >= 0")
+            setattr(model.config, name, value)
+    return model
+
+
+def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse arguments, train, evaluate; return the evaluation metrics (also in ``eval_results.json``)."""
+    model_args, data_args, moe_args, training_args = parse_train_args(argv)
+    set_seed(training_args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with training_args.main_process_first(desc="dataset preparation"):
+        blocks = pack(load_raw(data_args), tokenizer, data_args)
+    model = prepare_model(_load_model(model_args, moe_args), moe_args)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks["validation"],
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    # First, so that the printer and reporters see the moe/* keys it adds.
+    trainer.callback_handler.callbacks.insert(0, RoutingStatsCallback(heatmap=moe_args.routing_heatmap))
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    metrics = trainer.evaluate()
+    # eval_loss as in Transformers' examples: the LM loss, whose exp is the perplexity. The Trainer's own
+    # eval_loss of a MoE model also holds the weighted router losses; it is kept as eval_total_loss.
+    metrics["eval_total_loss"] = metrics["eval_loss"]
+    metrics["eval_loss"] = metrics.pop("eval_lm_loss")
+    metrics["perplexity"] = metrics.pop("eval_perplexity")
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        (Path(training_args.output_dir) / "training_recipe.json").write_text(json.dumps({
+            "model": vars(model_args), "data": vars(data_args),
+            "moe": {k: v for k, v in vars(moe_args).items()},
+        }, indent=2, default=str) + "\n")
+    return metrics
