@@ -57,12 +57,12 @@ class DemoModelSpec:
     seed: int = 0
 
 
-def build_demo_checkpoint(folder: str | Path, spec: DemoModelSpec | None = None, log=print) -> Path:
-    """Train the tokenizer and the dense Llama on the documentation text and save both to ``folder``."""
+def build_demo_checkpoint(folder: str | Path, spec: DemoModelSpec | None = None, log=print, text: str | None = None) -> Path:
+    """Train the tokenizer and the dense Llama on ``text`` (default: all documentation text) and save both."""
     spec = spec or DemoModelSpec()
     folder = Path(folder)
     torch.manual_seed(spec.seed)
-    text = documentation_text()
+    text = documentation_text() if text is None else text
     tokenizer = train_tokenizer(text, spec.vocab_size)
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     config = LlamaConfig(
@@ -103,30 +103,69 @@ def _pretrain(model: torch.nn.Module, ids: torch.Tensor, spec: DemoModelSpec, lo
     model.eval()
 
 
-def run(workdir: str | Path = "demo_run") -> int:
-    """Build the dense model, upcycle it to 8 experts / top-2, verify it and generate from both models."""
+def write_text_splits(folder: str | Path, holdout: float = 0.1) -> tuple[Path, Path]:
+    """Write the documentation text as ``train.txt`` / ``valid.txt`` (the last ``holdout`` of its paragraphs)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paragraphs = [p for p in documentation_text().split("\n\n") if p.strip()]
+    cut = int(len(paragraphs) * (1 - holdout))
+    train, valid = folder / "train.txt", folder / "valid.txt"
+    train.write_text("\n\n".join(paragraphs[:cut]))
+    valid.write_text("\n\n".join(paragraphs[cut:]))
+    return train, valid
+
+
+def _generate(path: Path, tokenizer, inputs) -> str:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def run(workdir: str | Path = "demo_run", finetune_steps: int = 60) -> int:
+    """Build the dense model, upcycle it (8 experts, top-2), verify it, fine-tune it with LoRA and compare."""
     from . import upcycle
+    from .train import run_training
+    from .train.evaluate_file import evaluate_file
+    from .train.merge import merge_to_folder
 
     workdir = Path(workdir)
-    dense_dir, moe_dir = workdir / "dense", workdir / "moe"
+    dense_dir, moe_dir, lora_dir = workdir / "dense", workdir / "moe", workdir / "lora"
+    train_file, valid_file = write_text_splits(workdir / "data")
     if not (dense_dir / "config.json").is_file():
-        print(f"[1/3] building the embedded dense Llama in {dense_dir}")
-        build_demo_checkpoint(dense_dir)
+        print(f"[1/4] building the embedded dense Llama in {dense_dir} (trained on {train_file} only)")
+        build_demo_checkpoint(dense_dir, text=train_file.read_text())
     else:
-        print(f"[1/3] reusing the dense Llama in {dense_dir}")
-    print(f"[2/3] upcycling it into {moe_dir} (8 experts, top-2, every layer) and verifying")
+        print(f"[1/4] reusing the dense Llama in {dense_dir}")
+    print(f"[2/4] upcycling it into {moe_dir} (8 experts, top-2, every layer) and verifying")
     result = upcycle(dense_dir, moe_dir, num_experts=8, top_k=2, verify=True, overwrite=True)
     for note in result.notes:
         print("  " + note)
     print(f"  parameters: {result.total_params:,} total, {result.active_params:,} active per token")
-    print("[3/3] greedy generation, dense vs MoE:")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(moe_dir)
     inputs = tokenizer(DEMO_PROMPT, return_tensors="pt")
-    texts = []
-    for name, path in (("dense", dense_dir), ("moe", moe_dir)):
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
-        print(f"  {name:5s} {type(model).__name__}: {texts[-1]!r}")
-    print("  identical generations" if texts[0] == texts[1] else "  generations differ")
-    return 0 if texts[0] == texts[1] else 1
+    dense_text, moe_text = _generate(dense_dir, tokenizer, inputs), _generate(moe_dir, tokenizer, inputs)
+    print(f"  dense generation: {dense_text!r}")
+    print(f"  MoE generation:   {moe_text!r} ({'identical' if dense_text == moe_text else 'DIFFERENT'})")
+
+    print(f"[3/4] LoRA fine-tuning the MoE model for {finetune_steps} steps (configs/finetune_demo_lora.yaml)")
+    metrics = run_training([
+        "--model_name_or_path", str(moe_dir), "--train_file", str(train_file), "--validation_file", str(valid_file),
+        "--output_dir", str(lora_dir), "--block_size", "128", "--use_lora",
+        "--lora_target", "attention,experts,router", "--max_steps", str(finetune_steps),
+        "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "5",
+        "--logging_steps", "20", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", "0",
+    ])
+    merged_dir = workdir / "moe-lora-merged"
+    merge_to_folder(lora_dir, merged_dir, overwrite=True)
+
+    print(f"[4/4] validation perplexity on held-out documentation text ({valid_file})")
+    dense_eval = evaluate_file(str(dense_dir), str(valid_file), block_size=128)
+    moe_eval = evaluate_file(str(moe_dir), str(valid_file), block_size=128)
+    print(f"  {'model':<44}{'eval_loss':>10}{'perplexity':>12}")
+    for name, m in (("dense source", dense_eval), ("MoE right after upcycling", moe_eval),
+                    (f"MoE + LoRA, {finetune_steps} steps (merged)", metrics)):
+        print(f"  {name:<44}{m['eval_loss']:>10.4f}{m['perplexity']:>12.2f}")
+    print(f"  routing heatmap: {lora_dir / 'expert_load.png'}; merged model: {merged_dir}")
+    print(f"  generation after fine-tuning: {_generate(merged_dir, tokenizer, inputs)!r}")
+    return 0 if dense_text == moe_text and moe_eval["eval_loss"] == dense_eval["eval_loss"] else 1

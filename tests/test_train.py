@@ -128,3 +128,50 @@ def test_moe_options_on_a_dense_model_are_refused(small_models, docs_files, tmp_
                  str(tmp_path / "o"), "--router_only", *COMMON])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("moe-upcycle: error: --router_only need an upcycled MoE model")
+
+
+def _state(folder):
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+def test_full_finetune_in_bf16_with_checkpointing(small_models, docs_files, tmp_path):
+    _, moe = small_models
+    train, valid = docs_files
+    metrics = _train(moe, train, valid, tmp_path / "run", "--max_steps", "3", "--bf16", "true",
+                     "--gradient_checkpointing", "true", "--logging_steps", "1")
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    before, after = _state(moe), _state(tmp_path / "run")
+    for name in ("model.model.layers.0.mlp.gate.weight", "model.model.layers.0.mlp.experts.gate_up_proj",
+                 "model.model.layers.1.self_attn.q_proj.weight"):
+        assert not torch.equal(before[name], after[name].to(before[name].dtype)), name
+
+
+def test_router_only_training_changes_only_routers(small_models, docs_files, tmp_path):
+    _, moe = small_models
+    train, valid = docs_files
+    _train(moe, train, valid, tmp_path / "run", "--router_only", "--max_steps", "3", "--learning_rate", "1e-2")
+    before, after = _state(moe), _state(tmp_path / "run")
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == ["model.model.layers.0.mlp.gate.weight", "model.model.layers.1.mlp.gate.weight"]
+
+
+def test_yaml_recipe_with_overrides(small_models, docs_files, tmp_path):
+    from pathlib import Path
+
+    _, moe = small_models
+    train, valid = docs_files
+    config = Path(__file__).resolve().parents[1] / "configs" / "finetune_demo_lora.yaml"
+    assert config.read_text().startswith("# moe-upcycle train --config configs/finetune_demo_lora.yaml")
+    code = main(["train", "--config", str(config), "--model_name_or_path", str(moe), "--train_file", str(train),
+                 "--validation_file", str(valid), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+                 "--block_size", "64", "--max_eval_samples", "8", "--disable_tqdm", "true"])
+    assert code == 0
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2

@@ -199,7 +199,9 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
     def track_routing(self, enabled: bool = True) -> RoutingStats | None:
         """Accumulate routing statistics over training forward passes in ``self.routing_stats`` (or stop)."""
         config = self.config
-        self.routing_stats = RoutingStats(len(config.moe_layers), config.num_experts, config.num_experts_per_tok) if enabled else None
+        self.routing_stats = (
+            RoutingStats(len(config.moe_layers), config.num_experts, config.num_experts_per_tok) if enabled else None
+        )
         return self.routing_stats
 
     # -- delegation to the dense model ---------------------------------------------------------------

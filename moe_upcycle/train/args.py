@@ -78,11 +78,24 @@ class MoeArguments:
 ALL_ARGUMENTS = (ModelArguments, DataArguments, MoeArguments, TrainingArguments)
 
 
+def _no_accelerator() -> bool:
+    import torch
+
+    return not torch.accelerator.is_available()
+
+
 def parse_train_args(argv: Sequence[str] | None = None):
-    """Parse ``argv`` (with an optional ``--config FILE.yaml``) into the four argument dataclasses."""
+    """Parse ``argv`` (with an optional ``--config FILE.yaml``) into the four argument dataclasses.
+
+    On a machine with no accelerator ``use_cpu`` defaults to true: ``--bf16`` then means CPU autocast, and
+    the processes of ``accelerate launch --multi_gpu --num_processes N`` form one gloo DDP group instead of
+    training N independent copies.
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(argv)
+    if _no_accelerator() and "--use_cpu" not in rest:
+        rest = [*rest, "--use_cpu", "true"]
     parser = HfArgumentParser(ALL_ARGUMENTS)
     parser.add_argument("--config", type=Path, help="YAML file of defaults; command-line flags override it")
     if known.config is not None:
@@ -100,6 +113,8 @@ def parse_train_args(argv: Sequence[str] | None = None):
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    *dataclasses, _config = parser.parse_args_into_dataclasses(args=list(rest) + (
-        ["--config", str(known.config)] if known.config else []))
+    try:
+        *dataclasses, _config = parser.parse_args_into_dataclasses(args=list(rest))
+    except ValueError as err:  # unknown flags, or TrainingArguments' own validation
+        raise InvalidOptionError(str(err)) from None
     return tuple(dataclasses)

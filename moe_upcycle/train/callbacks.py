@@ -55,6 +55,19 @@ def save_heatmap(load: torch.Tensor, moe_layers: list[int], path: Path, title: s
     plt.close(fig)
 
 
+def _sum_across_processes(stats, device: torch.device) -> None:
+    """Under DDP, pool the routing statistics of every process (every process logs at the same steps)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for name in ("counts", "prob_sums", "entropy_sums", "z_sums", "tokens"):
+        tensor = getattr(stats, name)
+        pooled = tensor.to(device)
+        dist.all_reduce(pooled)
+        tensor.copy_(pooled.cpu())
+
+
 class RoutingStatsCallback(TrainerCallback):
     """Adds ``moe/*`` routing statistics to every training log and saves the load heatmap at the end.
 
@@ -75,6 +88,7 @@ class RoutingStatsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if self._model is None or logs is None or "loss" not in logs or self._model.routing_stats is None:
             return
+        _sum_across_processes(self._model.routing_stats, next(self._model.parameters()).device)
         stats = self._model.routing_stats.pop()
         if stats is None:
             return
