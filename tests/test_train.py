@@ -175,3 +175,57 @@ def test_yaml_recipe_with_overrides(small_models, docs_files, tmp_path):
     assert adapter["r"] == 16 and adapter["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_streamed_dataset_folder(small_models, docs_files, tmp_path):
+    """--dataset_name goes through datasets.load_dataset (a local dataset folder here), streamed."""
+    _, moe = small_models
+    train, valid = docs_files
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for split, path in (("train", train), ("validation", valid)):
+        rows = [{"content": p} for p in path.read_text().split("\n\n") if p.strip()]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = run_training(["--model_name_or_path", str(moe), "--dataset_name", str(folder), "--streaming",
+                            "--text_column", "content", "--output_dir", str(tmp_path / "run"), *COMMON,
+                            "--max_steps", "3", "--use_lora"])
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_unknown_hub_dataset_is_a_clear_error(small_models, tmp_path):
+    _, moe = small_models
+    with pytest.raises(InvalidOptionError, match="cannot load dataset 'nobody/no-such-dataset'"):
+        run_training(["--model_name_or_path", str(moe), "--dataset_name", "nobody/no-such-dataset",
+                      "--output_dir", str(tmp_path / "o"), *COMMON, "--max_steps", "1"])
+
+
+def test_evaluate_command_scores_dense_and_moe_alike(small_models, docs_files, tmp_path, capsys):
+    dense, moe = small_models
+    _, valid = docs_files
+    results = []
+    for model in (dense, moe):
+        out = tmp_path / f"{model.name}.json"
+        assert main(["evaluate", str(model), "--validation_file", str(valid), "--block_size", "64",
+                     "--max_eval_samples", "16", "--output_json", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["tokens"] == results[1]["tokens"] == 16 * 63
+    assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], abs=1e-5)
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_routing_statistics_reach_tensorboard(small_models, docs_files, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, moe = small_models
+    train, valid = docs_files
+    common = [a for a in COMMON if a not in ("--report_to", "none")]
+    run_training(["--model_name_or_path", str(moe), "--train_file", str(train), "--validation_file", str(valid),
+                  "--output_dir", str(tmp_path / "run"), *common, "--report_to", "tensorboard",
+                  "--max_steps", "2", "--logging_steps", "1", "--use_lora"])
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/moe/aux_loss" in tags and "train/moe/layer1/expert3" in tags
+    assert len(events.Scalars("train/moe/aux_loss")) == 2

@@ -26,7 +26,13 @@ def load_raw(data: DataArguments) -> DatasetDict | dict:
     if data.dataset_name is not None:
         if data.train_file is not None:
             raise InvalidOptionError("give either --dataset_name or --train_file, not both")
-        raw = load_dataset(data.dataset_name, data.dataset_config_name, streaming=data.streaming)
+        try:
+            raw = load_dataset(data.dataset_name, data.dataset_config_name, streaming=data.streaming)
+        except (FileNotFoundError, ConnectionError, ValueError) as err:
+            raise InvalidOptionError(
+                f"cannot load dataset {data.dataset_name!r} ({type(err).__name__}: {err}); check the id and "
+                "configuration name, log in for private datasets, or pass local files with --train_file"
+            ) from None
     elif data.train_file is not None:
         files = {"train": data.train_file}
         if data.validation_file is not None:
