@@ -168,4 +168,7 @@ def run(workdir: str | Path = "demo_run", finetune_steps: int = 60) -> int:
         print(f"  {name:<44}{m['eval_loss']:>10.4f}{m['perplexity']:>12.2f}")
     print(f"  routing heatmap: {lora_dir / 'expert_load.png'}; merged model: {merged_dir}")
     print(f"  generation after fine-tuning: {_generate(merged_dir, tokenizer, inputs)!r}")
-    return 0 if dense_text == moe_text and moe_eval["eval_loss"] == dense_eval["eval_loss"] else 1
+    same = dense_text == moe_text and abs(moe_eval["eval_loss"] - dense_eval["eval_loss"]) <= 1e-4
+    if not same:
+        print("  the fresh MoE model did not reproduce the dense model; please report this")
+    return 0 if same else 1
