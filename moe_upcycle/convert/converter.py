@@ -79,6 +79,8 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             raise InvalidOptionError(str(err)) from None
     elif kwargs:
         raise InvalidOptionError("pass either an UpcycleOptions object or keyword options, not both")
+    from ..card import source_license, write_card  # the card module reads checkpoints through this package
+
     start = time.perf_counter()
     output = Path(output)
     check_output(output, options.overwrite)
@@ -92,7 +94,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
 
     dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)
     recipe = {"method": "sparse_upcycling", "source": str(source), "revision": options.revision,
-              "moe_upcycle_version": __version__, **options.recipe()}
+              "license": source_license(folder), "moe_upcycle_version": __version__, **options.recipe()}
     try:
         moe_config = UpcycledMoeConfig(
             text_config=dense_config,
@@ -120,6 +122,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         custom_object_save(meta_model, tmp, config=moe_config)
         moe_config.save_pretrained(tmp)
         copy_side_files(folder, tmp)
+        write_card(tmp, repo_id=None)
         max_diff = None
         notes = []
         if options.verify:

@@ -100,8 +100,12 @@ class RoutingStatsCallback(TrainerCallback):
             state.log_history[-1].update(entries)  # the Trainer appended its copy before calling on_log
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._model is None:
+        if self._model is None or self._model.routing_stats is None:
             return
+        _sum_across_processes(self._model.routing_stats, next(self._model.parameters()).device)
+        rest = self._model.routing_stats.pop()  # steps after the last log
+        if rest is not None:
+            self.total_counts = rest["counts"] if self.total_counts is None else self.total_counts + rest["counts"]
         self._model.track_routing(False)
         if self.total_counts is None or not state.is_world_process_zero:
             return

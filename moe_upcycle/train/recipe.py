@@ -7,18 +7,21 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
 
+from ..card import write_card
 from ..errors import InvalidOptionError
 from ..evaluation import compute_metrics, preprocess_logits_for_metrics
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import parse_train_args
 from .callbacks import RoutingStatsCallback
 from .data import load_raw, pack
-from .lora import prepare_model
+from .lora import base_moe_model, prepare_model
 
 
 def _load_model(model_args, moe_args):
@@ -84,8 +87,11 @@ def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
-        (Path(training_args.output_dir) / "training_recipe.json").write_text(json.dumps({
-            "model": vars(model_args), "data": vars(data_args),
-            "moe": {k: v for k, v in vars(moe_args).items()},
+        output = Path(training_args.output_dir)
+        command = shlex.join(["moe-upcycle", "train", *(sys.argv[1:] if argv is None else argv)])
+        (output / "training_recipe.json").write_text(json.dumps({
+            "command": command, "model": vars(model_args), "data": vars(data_args), "moe": vars(moe_args),
         }, indent=2, default=str) + "\n")
+        if (output / "adapter_config.json").is_file() or isinstance(base_moe_model(trainer.model), UpcycledMoeForCausalLM):
+            write_card(output)
     return metrics

@@ -1,0 +1,175 @@
+"""Model cards rendered from the files a run produced (config, safetensors headers, eval results).
+
+Every figure in a card is read from the output folder it describes, never typed in: parameter counts
+from the safetensors headers, the recipe from ``config.json`` (``upcycling``), metrics from
+``eval_results.json``, the expert-load heatmap from ``expert_load.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .convert.safetensors_io import SafetensorsCheckpoint
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "upcycled_moe.md"
+ADAPTER_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "lora_adapter.md"
+CARD_FILE = "README.md"
+TAGS = ["moe", "mixture-of-experts", "upcycled", "moe-upcycle"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def parameter_counts(folder: Path, num_experts: int, top_k: int) -> tuple[int, int]:
+    """(total, active per token) parameters, counted from the safetensors headers in ``folder``."""
+    info = SafetensorsCheckpoint(folder).info
+    numel = {name: _numel(t.shape) for name, t in info.items()}
+    total = sum(numel.values())
+    experts = sum(n for name, n in numel.items() if ".experts." in name)
+    return total, total - experts * (num_experts - top_k) // num_experts
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out
+
+
+def source_license(source_folder: Path) -> str | None:
+    """The ``license`` in the source model's card metadata, if it has a card."""
+    card = source_folder / CARD_FILE
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a malformed source card must not stop a conversion
+        return None
+
+
+def _metrics_table(folder: Path) -> str | None:
+    results = _read_json(folder / "eval_results.json")
+    if not results:
+        return None
+    rows = [f"| {key} | {results[key]:.4f} |" for key in ("eval_loss", "perplexity") if key in results]
+    if not rows:
+        return None
+    note = "Validation of the training run (`eval_results.json`); eval_loss is the LM loss in nats per token."
+    return "\n".join([note, "", "| metric | value |", "| --- | ---: |", *rows])
+
+
+def _training_section(folder: Path) -> tuple[str | None, str | None]:
+    """(markdown, reproduce command) from ``training_recipe.json`` and ``trainer_state.json``."""
+    recipe = _read_json(folder / "training_recipe.json")
+    if recipe is None:
+        return None, None
+    state = _read_json(folder / "trainer_state.json") or {}
+    moe, data = recipe.get("moe", {}), recipe.get("data", {})
+    how = "LoRA (PEFT)" if moe.get("use_lora") else "router only" if moe.get("router_only") else "full fine-tuning"
+    lines = [
+        f"Fine-tuned with the Hugging Face `Trainer`: {how}"
+        + (f", LoRA r={moe['lora_r']} alpha={moe['lora_alpha']} on {moe['lora_target']}" if moe.get("use_lora") else "")
+        + f"; {state.get('global_step', '?')} optimizer steps of {data.get('block_size')}-token blocks"
+        + f" from `{data.get('dataset_name') or data.get('train_file')}`.",
+    ]
+    command = recipe.get("command")
+    return "\n".join(lines), command
+
+
+def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
+    """Render the card of an upcycled model folder (converted, merged or fully fine-tuned)."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return render_adapter_card(folder, repo_id)
+    config = _read_json(folder / "config.json")
+    if config is None or config.get("model_type") != "upcycled_moe":
+        raise ValueError(f"{folder} is not an upcycled MoE model folder (config.json with model_type upcycled_moe)")
+    recipe = config.get("upcycling") or {}
+    text = config["text_config"]
+    num_experts, top_k = config["num_experts"], config["num_experts_per_tok"]
+    total, active = parameter_counts(folder, num_experts, top_k)
+    base = recipe.get("source", "unknown")
+    training, train_command = _training_section(folder)
+    convert_command = shlex.join([
+        "moe-upcycle", "convert", base, "OUTPUT", "--num-experts", str(num_experts), "--top-k", str(top_k),
+        "--layers", str(recipe.get("layers", "all")), "--router-init-std", str(recipe.get("router_init_std", 0.02)),
+        "--expert-noise", str(recipe.get("expert_noise", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
+        "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
+    ])
+    card_data = ModelCardData(
+        base_model=base if "/" in base and not Path(base).exists() else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=recipe.get("license"),
+        tags=TAGS,
+        model_name=repo_id or folder.name,
+    )
+    card_data.base_model_relation = "finetune"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id or folder.name,
+        repo_id=repo_id or str(folder),
+        base_model=base,
+        base_model_url=f"https://huggingface.co/{base}" if card_data.base_model else None,
+        revision=recipe.get("revision"),
+        source_model_type=text.get("model_type"),
+        num_experts=num_experts,
+        top_k=top_k,
+        num_layers=text.get("num_hidden_layers", text.get("n_layer")),
+        moe_layers=", ".join(map(str, config["moe_layers"])),
+        moe_layer_count=len(config["moe_layers"]),
+        layer_spec=recipe.get("layers", "all"),
+        expert_noise=recipe.get("expert_noise", 0.0),
+        router_init_std=config.get("router_init_std"),
+        aux_coef=config.get("router_aux_loss_coef"),
+        z_coef=config.get("router_z_loss_coef"),
+        total_params=f"{total:,}",
+        active_params=f"{active:,}",
+        dtype=config.get("dtype") or text.get("dtype"),
+        exact=not recipe.get("expert_noise") and training is None,
+        training=training,
+        metrics=_metrics_table(folder),
+        heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,
+        commands="\n".join(c for c in (convert_command, train_command) if c),
+    )
+
+
+def render_adapter_card(folder: Path, repo_id: str | None = None) -> ModelCard:
+    """Card of a LoRA adapter folder: names the base MoE model, the LoRA set-up and the measured metrics."""
+    adapter = _read_json(folder / "adapter_config.json") or {}
+    base = adapter.get("base_model_name_or_path") or "unknown"
+    training, train_command = _training_section(folder)
+    card_data = ModelCardData(base_model=base if "/" in base and not Path(base).exists() else None,
+                              library_name="peft", pipeline_tag="text-generation", tags=[*TAGS, "lora"],
+                              model_name=repo_id or folder.name)
+    card_data.base_model_relation = "adapter"
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(ADAPTER_TEMPLATE),
+        model_name=repo_id or folder.name,
+        repo_id=repo_id or str(folder),
+        base_model=base,
+        lora_r=adapter.get("r"),
+        lora_alpha=adapter.get("lora_alpha"),
+        target_modules=adapter.get("target_modules"),
+        target_parameters=adapter.get("target_parameters"),
+        modules_to_save=adapter.get("modules_to_save"),
+        training=training,
+        metrics=_metrics_table(folder),
+        heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,
+        commands=train_command or "",
+    )
+
+
+def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
+    """Render and save ``README.md`` in ``folder``."""
+    path = Path(folder) / CARD_FILE
+    render_card(folder, repo_id).save(path)
+    return path
