@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_evaluate(sub)
     _add_push(sub)
+    from .export import add_export_subcommand
+
+    add_export_subcommand(sub)
     _add_demo(sub)
     return parser
 

@@ -1,0 +1,14 @@
+"""Export an upcycled checkpoint to its native Transformers MoE twin (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo,
+GraniteMoE), so that stock ``AutoModelForCausalLM.from_pretrained`` loads it without this package.
+
+``export_native(folder, output, to="auto")``; ``NATIVE_TARGETS`` is the table of targets; refusals raise
+:class:`ExportError` before anything is written.
+"""
+
+from .cli import add_export_subcommand
+from .errors import ExportError
+from .exporter import ExportResult, export_native
+from .targets import NATIVE_TARGETS, TARGET_CHOICES, NativeTarget
+
+__all__ = ["NATIVE_TARGETS", "TARGET_CHOICES", "ExportError", "ExportResult", "NativeTarget", "add_export_subcommand",
+           "export_native"]

@@ -1,0 +1,36 @@
+"""``moe-upcycle export FOLDER OUTPUT --to TARGET``: the command-line face of :func:`export_native`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .targets import TARGET_CHOICES
+
+
+def add_export_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export`` on ``subparsers`` (of ``moe-upcycle``); its ``func`` prints one line and returns 0."""
+    p = subparsers.add_parser(
+        "export", help="export an upcycled checkpoint to its native Transformers MoE class (Mixtral, Qwen2-MoE, ...)",
+        description="Export an upcycled checkpoint to the native Transformers MoE class that computes the same function "
+                    "(llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe, olmo2 -> flex_olmo, "
+                    "granite -> granitemoe); the result loads without moe_upcycle or trust_remote_code.",
+    )
+    p.add_argument("folder", help="folder of an upcycled checkpoint (output of `moe-upcycle convert` or `merge`)")
+    p.add_argument("output", help="folder to write the native checkpoint to (must not exist or be empty)")
+    p.add_argument("--to", default="auto", choices=TARGET_CHOICES, help="native target (default auto: the source family's twin)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Run ``export_native`` with the parsed flags and print its one-line summary."""
+    from .exporter import export_native
+
+    result = export_native(args.folder, args.output, to=args.to, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(result.summary())
+    return 0
+
+
+__all__ = ["add_export_subcommand", "run_export"]
