@@ -3,6 +3,8 @@ routers fully trained via ``modules_to_save``), full fine-tuning, or the routers
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -21,18 +23,29 @@ def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
+def _moe_blocks(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Sparse MoE blocks by path: ours, or a native class's (any module with an ``experts`` child holding 3-D weights)."""
+    blocks = {}
+    for name, module in modules.items():
+        experts = getattr(module, "experts", None)
+        if isinstance(module, UpcycledSparseMoeBlock) or (
+            isinstance(experts, nn.Module) and any(p.dim() == 3 for p in experts.parameters(recurse=False))
+        ):
+            blocks[name] = module
+    return blocks
+
+
 def find_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Resolve LoRA target groups and module names to (target_modules, target_parameters, modules_to_save).
 
     Groups: ``attention`` (every linear layer inside an attention module), ``experts`` (the fused expert
     tensors), ``dense_mlp`` (linear layers of MLPs left dense), ``router`` (trained fully). Anything else
-    is a module name that must match at least one linear layer.
+    is a module name that must match at least one linear layer. Works on ``UpcycledMoeForCausalLM`` and
+    on native Transformers MoE classes (Mixtral, Qwen2-MoE, ... as written by ``moe-upcycle export``).
     """
     modules = dict(model.named_modules())
     linears = _linear_modules(model)
-    moe_blocks = {n: m for n, m in modules.items() if isinstance(m, UpcycledSparseMoeBlock)}
-    config = getattr(model, "config", None)
-    mlp_name = getattr(config, "mlp_module_name", "mlp")
+    moe_blocks = _moe_blocks(modules)
     target_modules: list[str] = []
     target_parameters: list[str] = []
     modules_to_save: list[str] = []
@@ -44,18 +57,26 @@ def find_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[
             target_modules += found
         elif target == "experts":
             if not moe_blocks:
-                raise InvalidOptionError("lora_target 'experts' needs an upcycled MoE model; this one has no MoE layers")
-            names = {p for block in moe_blocks.values() for p, _ in block.experts.named_parameters() if not p.endswith("_bias")}
-            target_parameters += sorted(f"{mlp_name}.experts.{p}" for p in names)
+                raise InvalidOptionError("lora_target 'experts' needs a MoE model; this one has no MoE layers")
+            names = {
+                f"{path.rsplit('.', 1)[-1]}.experts.{p}"
+                for path, block in moe_blocks.items()
+                for p, tensor in block.experts.named_parameters(recurse=False) if tensor.dim() == 3
+            }
+            target_parameters += sorted(names)
         elif target == "dense_mlp":
-            found = [n for n in linears if _parent(n).endswith("." + mlp_name) and _parent(n) not in moe_blocks]
+            found = [n for n in linears if _parent(n) not in moe_blocks and not _parent(n).endswith((".gate", ".router"))
+                     and "mlp" in type(modules[_parent(n)]).__name__.lower()
+                     and not any(_parent(n).startswith(b + ".") for b in moe_blocks)]
             if not found:
                 raise InvalidOptionError("lora_target 'dense_mlp' matched nothing: every MLP of this model is a MoE block")
             target_modules += found
         elif target == "router":
-            if not moe_blocks:
-                raise InvalidOptionError("lora_target 'router' needs an upcycled MoE model; this one has no routers")
-            modules_to_save.append(f"{mlp_name}.gate")
+            routers = {f"{path.rsplit('.', 1)[-1]}.{child}" for path, block in moe_blocks.items()
+                       for child in ("gate", "router") if isinstance(getattr(block, child, None), nn.Module)}
+            if not routers:
+                raise InvalidOptionError("lora_target 'router' needs a MoE model; this one has no routers")
+            modules_to_save += sorted(routers)
         else:
             found = [n for n in linears if n == target or n.endswith("." + target)]
             if not found:
@@ -68,9 +89,29 @@ def find_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[
     return sorted(set(target_modules)), target_parameters, modules_to_save
 
 
+@contextmanager
+def resolved_targets_kept():
+    """Keep PEFT from rewriting already-resolved targets on native MoE model types.
+
+    PEFT (0.21) rewrites ``target_modules`` of native MoE model types with a v4->v5 conversion pattern
+    (``mixtral``, ``qwen3_moe``, ...) for adapters written for Transformers v4: every module named like a
+    v4 expert projection (``gate_proj``, ``up_proj``, ``w1``...) becomes the fused ``gate_up_proj`` parameter.
+    Targets resolved here against the v5 model are already right, and the rewrite would silently drop
+    LoRA from the dense MLPs of non-MoE layers.
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
     """Wrap or freeze ``model`` as ``moe`` asks; print what trains."""
-    is_moe = isinstance(model, UpcycledMoeForCausalLM)
+    is_moe = bool(_moe_blocks(dict(model.named_modules())))
     if moe.router_only:
         if not is_moe:
             raise InvalidOptionError("--router_only needs an upcycled MoE model; this model has no routers")
@@ -95,11 +136,22 @@ def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
             target_modules=target_modules or None, target_parameters=target_parameters or None,
             modules_to_save=modules_to_save or None,
         )
-        model = get_peft_model(model, config)
+        with resolved_targets_kept():
+            model = get_peft_model(model, config)
+        _check_every_target_adapted(model, target_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return model
+
+
+def _check_every_target_adapted(model: nn.Module, target_modules: list[str]) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    adapted = {name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    missing = [t for t in target_modules if t not in adapted]
+    if missing:
+        raise InvalidOptionError(f"PEFT did not adapt {len(missing)} requested module(s), e.g. {missing[:3]}")
 
 
 def base_moe_model(model: nn.Module) -> UpcycledMoeForCausalLM | None:
@@ -114,5 +166,6 @@ def merge_adapter(adapter_dir: str, dtype: torch.dtype | None = None) -> nn.Modu
     """Load the base model named in ``adapter_dir`` with the adapter and merge it into the weights."""
     from peft import AutoPeftModelForCausalLM
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
+    with resolved_targets_kept():
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
     return model.merge_and_unload()

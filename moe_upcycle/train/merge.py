@@ -22,6 +22,10 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, overwrite: bool
     model = merge_adapter(str(adapter_dir))
     with atomic_folder(Path(output), overwrite) as tmp:
         model.save_pretrained(tmp)
+        if getattr(model.config, "model_type", None) == "upcycled_moe":
+            from ..card import write_card
+
+            write_card(tmp)
         tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
         if tokenizer_source:
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
