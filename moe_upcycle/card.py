@@ -82,6 +82,20 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
     return "\n".join(lines), command
 
 
+def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, library: str, relation: str,
+            tags: list[str], license: str | None = None, **values) -> ModelCard:
+    """Fill ``template`` with metadata (``base_model`` only when ``base`` is a Hub id) and ``values``."""
+    card_data = ModelCardData(
+        base_model=base if "/" in base and not Path(base).exists() else None, library_name=library,
+        pipeline_tag="text-generation", license=license, tags=tags, model_name=repo_id or folder.name,
+    )
+    card_data.base_model_relation = relation
+    return ModelCard.from_template(
+        card_data, template_path=str(template), model_name=repo_id or folder.name, repo_id=repo_id or str(folder),
+        base_model=base, base_model_url=f"https://huggingface.co/{base}" if card_data.base_model else None, **values,
+    )
+
+
 def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     """Render the card of an upcycled model folder (converted, merged or fully fine-tuned)."""
     folder = Path(folder)
@@ -102,22 +116,9 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         "--expert-noise", str(recipe.get("expert_noise", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
         "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
     ])
-    card_data = ModelCardData(
-        base_model=base if "/" in base and not Path(base).exists() else None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
+    return _render(
+        TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS,
         license=recipe.get("license"),
-        tags=TAGS,
-        model_name=repo_id or folder.name,
-    )
-    card_data.base_model_relation = "finetune"
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(TEMPLATE),
-        model_name=repo_id or folder.name,
-        repo_id=repo_id or str(folder),
-        base_model=base,
-        base_model_url=f"https://huggingface.co/{base}" if card_data.base_model else None,
         revision=recipe.get("revision"),
         source_model_type=text.get("model_type"),
         num_experts=num_experts,
@@ -146,16 +147,8 @@ def render_adapter_card(folder: Path, repo_id: str | None = None) -> ModelCard:
     adapter = _read_json(folder / "adapter_config.json") or {}
     base = adapter.get("base_model_name_or_path") or "unknown"
     training, train_command = _training_section(folder)
-    card_data = ModelCardData(base_model=base if "/" in base and not Path(base).exists() else None,
-                              library_name="peft", pipeline_tag="text-generation", tags=[*TAGS, "lora"],
-                              model_name=repo_id or folder.name)
-    card_data.base_model_relation = "adapter"
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(ADAPTER_TEMPLATE),
-        model_name=repo_id or folder.name,
-        repo_id=repo_id or str(folder),
-        base_model=base,
+    return _render(
+        ADAPTER_TEMPLATE, folder, repo_id, base, library="peft", relation="adapter", tags=[*TAGS, "lora"],
         lora_r=adapter.get("r"),
         lora_alpha=adapter.get("lora_alpha"),
         target_modules=adapter.get("target_modules"),
