@@ -113,7 +113,8 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     convert_command = shlex.join([
         "moe-upcycle", "convert", base, "OUTPUT", "--num-experts", str(num_experts), "--top-k", str(top_k),
         "--layers", str(recipe.get("layers", "all")), "--router-init-std", str(recipe.get("router_init_std", 0.02)),
-        "--expert-noise", str(recipe.get("expert_noise", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
+        "--expert-noise", str(recipe.get("expert_noise", 0.0)),
+        "--drop-upcycling", str(recipe.get("drop_upcycling_ratio", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
         "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
     ])
     return _render(
@@ -128,13 +129,14 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         moe_layer_count=len(config["moe_layers"]),
         layer_spec=recipe.get("layers", "all"),
         expert_noise=recipe.get("expert_noise", 0.0),
+        drop_ratio=recipe.get("drop_upcycling_ratio", 0.0),
         router_init_std=config.get("router_init_std"),
         aux_coef=config.get("router_aux_loss_coef"),
         z_coef=config.get("router_z_loss_coef"),
         total_params=f"{total:,}",
         active_params=f"{active:,}",
         dtype=config.get("dtype") or text.get("dtype"),
-        exact=not recipe.get("expert_noise") and training is None,
+        exact=not recipe.get("expert_noise") and not recipe.get("drop_upcycling_ratio") and training is None,
         training=training,
         metrics=_metrics_table(folder),
         heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,

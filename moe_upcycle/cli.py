@@ -25,6 +25,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the random router (default 0.02)")
     p.add_argument("--expert-noise", type=float, default=0.0,
                    help="relative Gaussian noise per expert; > 0 breaks exactness on purpose (default 0)")
+    p.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
+                   help="Drop-Upcycling: re-initialise this fraction of each expert's neurons (paper: 0.5; default 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="dtype of the written weights (default: the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -43,7 +45,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     options = UpcycleOptions(
         num_experts=args.num_experts, top_k=args.top_k, layers=args.layers, router_init_std=args.router_init_std,
-        expert_noise=args.expert_noise, dtype=args.dtype, max_shard_size=args.max_shard_size, seed=args.seed,
+        expert_noise=args.expert_noise, drop_upcycling_ratio=args.drop_upcycling, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, seed=args.seed,
         revision=args.revision, verify=args.verify, overwrite=args.overwrite,
         router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
         router_jitter_noise=args.router_jitter_noise,

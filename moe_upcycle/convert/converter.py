@@ -128,8 +128,10 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         if options.verify:
             max_diff = verify_conversion(folder, tmp)
             reasons = []
-            if not options.is_exact:
+            if options.expert_noise:
                 reasons.append(f"expert_noise={options.expert_noise}")
+            if options.drop_upcycling_ratio:
+                reasons.append(f"drop_upcycling_ratio={options.drop_upcycling_ratio}")
             if options.torch_dtype is not None and any(
                 reader.info[k].dtype.is_floating_point and reader.info[k].dtype != options.torch_dtype for k in reader.info
             ):

@@ -34,6 +34,8 @@ class UpcycleOptions:
             token to the same k experts.
         expert_noise: relative Gaussian noise added to each expert's weights (std = ``expert_noise`` x the
             weight's own std). 0 keeps the model exact.
+        drop_upcycling_ratio: Drop-Upcycling (Nakamura et al. 2025): fraction of each expert's intermediate
+            neurons re-initialised from the original weights' statistics. 0 keeps the model exact.
         dtype: dtype of the written weights; ``auto`` keeps each source tensor's dtype.
         max_shard_size: largest output shard, bytes or a string such as ``"5GB"``/``"500MB"``.
         seed: seed of router and noise initialisation.
@@ -48,6 +50,7 @@ class UpcycleOptions:
     layers: str | Sequence[int] = "all"
     router_init_std: float = 0.02
     expert_noise: float = 0.0
+    drop_upcycling_ratio: float = 0.0
     dtype: DtypeName = "auto"
     max_shard_size: int | str = "5GB"
     seed: int = 0
@@ -68,6 +71,9 @@ class UpcycleOptions:
                            "a number > 0 (an all-zero router ties and routes every token to the same experts)")
         if not self.expert_noise >= 0:
             raise _invalid("expert_noise", self.expert_noise, "a number >= 0")
+        if not 0 <= self.drop_upcycling_ratio < 1:
+            raise _invalid("drop_upcycling_ratio", self.drop_upcycling_ratio,
+                           "a fraction in [0, 1) of intermediate neurons to re-initialise (the paper uses 0.5)")
         if self.dtype not in DTYPES:
             raise _invalid("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         self.max_shard_bytes = parse_size(self.max_shard_size)
@@ -86,7 +92,7 @@ class UpcycleOptions:
     @property
     def is_exact(self) -> bool:
         """True when the recipe makes the MoE model compute exactly what the dense model did."""
-        return self.expert_noise == 0
+        return self.expert_noise == 0 and self.drop_upcycling_ratio == 0
 
     def recipe(self) -> dict[str, Any]:
         """The options worth recording in the output config (for cards and reproduction)."""

@@ -20,6 +20,7 @@ from ..adapters import ArchitectureAdapter, ExpertTensor
 from ..errors import CheckpointError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
+from .diversity import diversify
 from .options import UpcycleOptions
 from .safetensors_io import PlannedTensor, SafetensorsCheckpoint
 
@@ -135,15 +136,14 @@ class PlanBuilder:
             if spec.transpose:
                 parts = [p.t() for p in parts]
             base = torch.cat(parts, dim=0).to(dtype).contiguous()  # [out, in] of one expert
-            if options.expert_noise == 0 or spec.is_bias:
+            drop, noise = options.drop_upcycling_ratio, options.expert_noise
+            if drop == 0 and (noise == 0 or spec.is_bias):
                 for _ in range(num_experts):
                     yield base
                 return
-            scale = options.expert_noise * base.float().std()
             for expert in range(num_experts):
-                generator = torch.Generator().manual_seed(_seed(options.seed, layer, expert, spec.name))
-                noise = torch.randn(base.shape, generator=generator) * scale
-                yield (base.float() + noise).to(dtype)
+                yield diversify(base, spec.name, layer=layer, expert=expert, seed=options.seed, drop_ratio=drop,
+                                noise=noise).to(dtype)
 
         name = f"{MOE_PREFIX}{prefix}experts.{spec.name}"
         return PlannedTensor(name, dtype, (num_experts, *per_expert), chunks)
