@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,15 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .convert.safetensors_io import SafetensorsCheckpoint
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "upcycled_moe.md"
-ADAPTER_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "lora_adapter.md"
+
+def _templates_dir() -> Path:
+    """``model_cards/`` of the repository (source or editable install), else the copy a wheel installs."""
+    checkout = Path(__file__).resolve().parents[1] / "model_cards"
+    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "moe-upcycle" / "model_cards"
+
+
+TEMPLATE = _templates_dir() / "upcycled_moe.md"
+ADAPTER_TEMPLATE = _templates_dir() / "lora_adapter.md"
 CARD_FILE = "README.md"
 TAGS = ["moe", "mixture-of-experts", "upcycled", "moe-upcycle"]
 
