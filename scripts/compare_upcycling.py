@@ -136,8 +136,8 @@ def plot(arms: list[dict], path: Path) -> None:
         curve = arm["curve"]
         axes[0].plot([c["tokens"] / 1e6 for c in curve], [c["val_loss"] for c in curve], marker="o", label=arm["name"])
         axes[1].plot([c["flops"] / 1e12 for c in curve], [c["val_loss"] for c in curve], marker="o", label=arm["name"])
-    axes[0].set_xlabel("training tokens after the dense checkpoint (M)")
-    axes[1].set_xlabel("training compute after the checkpoint (TFLOPs, 6 x active params x tokens)")
+    axes[0].set_xlabel("training tokens after the dense checkpoint (M)", fontsize=8)
+    axes[1].set_xlabel("training compute after the checkpoint (TFLOPs = 6 x active params x tokens)", fontsize=8)
     for ax in axes:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
