@@ -8,6 +8,7 @@ from the safetensors headers, the recipe from ``config.json`` (``upcycling``), m
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -35,19 +36,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def parameter_counts(folder: Path, num_experts: int, top_k: int) -> tuple[int, int]:
-    """(total, active per token) parameters, counted from the safetensors headers in ``folder``."""
+    """(total, active per token) parameters, counted from the safetensors headers in ``folder``.
+
+    Tied weights are stored, and counted, once; of each layer's experts, ``top_k / num_experts`` are active.
+    """
     info = SafetensorsCheckpoint(folder).info
-    numel = {name: _numel(t.shape) for name, t in info.items()}
+    numel = {name: math.prod(t.shape) for name, t in info.items()}
     total = sum(numel.values())
     experts = sum(n for name, n in numel.items() if ".experts." in name)
     return total, total - experts * (num_experts - top_k) // num_experts
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for dim in shape:
-        out *= dim
-    return out
 
 
 def source_license(source_folder: Path) -> str | None:

@@ -67,7 +67,7 @@ def test_push_to_a_branch(hub, converted, capsys):
     assert "config.json" not in hub.files(REPO, revision="main")
 
 
-def test_push_adapter_folder(hub, small_models, docs_files, tmp_path, capsys):
+def test_push_adapter_and_merged_folders(hub, small_models, docs_files, tmp_path, capsys):
     from moe_upcycle.train import run_training
 
     _, moe = small_models
@@ -80,6 +80,13 @@ def test_push_adapter_folder(hub, small_models, docs_files, tmp_path, capsys):
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
     assert "training_args.bin" not in files  # pickles stay home
     assert b"library_name: peft" in files["README.md"] and str(moe).encode() in files["README.md"]
+
+    # the merged model of the same run publishes as a full model with its own card
+    assert main(["merge", str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
+    assert main(["push", str(tmp_path / "merged"), "test-user/tiny-merged"]) == 0
+    merged = hub.files("test-user/tiny-merged")
+    assert {"config.json", "model.safetensors", "modeling_upcycled_moe.py", "README.md"} <= set(merged)
+    assert b"library_name: transformers" in merged["README.md"]
 
 
 def test_dry_run_touches_no_network(hub, converted, capsys):

@@ -56,14 +56,6 @@ def _load_dense_config(folder: Path):
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {err}") from None
 
 
-def _parameter_counts(plan, options: UpcycleOptions) -> tuple[int, int]:
-    """(total, active per token) parameter counts; tied weights are written, and counted, once."""
-    total = sum(t.nbytes // t.dtype.itemsize for t in plan)
-    experts = sum(t.nbytes // t.dtype.itemsize for t in plan if ".experts." in t.name)
-    inactive = experts * (options.num_experts - options.top_k) // options.num_experts
-    return total, total - inactive
-
-
 def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | None = None, **kwargs) -> UpcycleResult:
     """Convert the dense causal LM ``source`` (local folder or Hub id) into a sparse MoE model in ``output``.
 
@@ -79,7 +71,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             raise InvalidOptionError(str(err)) from None
     elif kwargs:
         raise InvalidOptionError("pass either an UpcycleOptions object or keyword options, not both")
-    from ..card import source_license, write_card  # the card module reads checkpoints through this package
+    from ..card import parameter_counts, source_license, write_card  # card reads checkpoints via this package
 
     start = time.perf_counter()
     output = Path(output)
@@ -123,6 +115,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         moe_config.save_pretrained(tmp)
         copy_side_files(folder, tmp)
         write_card(tmp, repo_id=None)
+        total, active = parameter_counts(tmp, options.num_experts, options.top_k)
         max_diff = None
         notes = []
         if options.verify:
@@ -145,7 +138,6 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
                 )
             else:
                 notes.append(f"max |logit diff| {max_diff:.3g}: the MoE model computes what the dense model did")
-    total, active = _parameter_counts(plan, options)
     return UpcycleResult(
         output=output.resolve(), moe_layers=layers, shards=shards, total_params=total, active_params=active,
         bytes_written=total_bytes, seconds=time.perf_counter() - start, max_logit_diff=max_diff, notes=notes,

@@ -9,6 +9,7 @@ Format: https://huggingface.co/docs/safetensors (8-byte little-endian header len
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -84,10 +85,7 @@ class SafetensorsCheckpoint:
                 if name != "__metadata__":
                     begin, end = entry["data_offsets"]
                     info = TensorInfo(shard, SAFE_TO_DTYPE[entry["dtype"]], tuple(entry["shape"]), data_start + begin, end - begin)
-                    numel = 1
-                    for dim in info.shape:
-                        numel *= dim
-                    if numel * info.dtype.itemsize != info.nbytes:
+                    if math.prod(info.shape) * info.dtype.itemsize != info.nbytes:
                         raise CheckpointError(f"{self.folder / shard}: tensor {name!r} has {info.nbytes} bytes for shape "
                                               f"{list(info.shape)}; the file is damaged: download or copy it again")
                     self.info[name] = info
@@ -167,10 +165,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

@@ -193,6 +193,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
             block = UpcycledSparseMoeBlock(config, act_fn=getattr(dense_mlp, config.mlp_activation_attr), dropout=dropout)
             setattr(layers[index], config.mlp_module_name, block)
+        # a plain tuple (not registered again as submodules), so forward does not search the module tree
+        self._moe_blocks = tuple(getattr(layers[index], config.mlp_module_name) for index in config.moe_layers)
         self.routing_stats: RoutingStats | None = None
         self.post_init()
 
@@ -222,7 +224,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def moe_blocks(self) -> list[UpcycledSparseMoeBlock]:
         """The MoE blocks in layer order (one per entry of ``config.moe_layers``)."""
-        return [m for m in self.model.modules() if isinstance(m, UpcycledSparseMoeBlock)]
+        return list(self._moe_blocks)
 
     @contextmanager
     def _record_router_logits(self, enabled: bool) -> Iterator[list[torch.Tensor]]:

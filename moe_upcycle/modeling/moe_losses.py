@@ -74,63 +74,58 @@ def router_z_loss(router_logits: torch.Tensor, attention_mask: torch.Tensor | No
     return (z * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def routing_entropy(router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean entropy (nats) of the router's softmax distribution over real tokens; scalar float32."""
-    mask = _token_mask(attention_mask, router_logits.shape[0], router_logits.device)
-    logp = torch.log_softmax(router_logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)  # [T]
-    return (entropy * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 class RoutingStats:
     """Routing statistics pooled over every token of the forward passes since the last :meth:`pop`.
 
     Per MoE layer: top-k assignments per expert, summed router probabilities, entropy and squared
     log-partition over real tokens. Pooling makes the reported load-balancing loss that of the whole
     logging window (``E * sum_i f_i * P_i`` with ``f`` and ``P`` over all its tokens), so it does not
-    depend on how a batch was split into micro-batches. Everything is detached; cost is O(T x E).
+    depend on how a batch was split into micro-batches. Everything is detached and accumulated on the
+    logits' device (no host sync per forward); cost is O(T x E).
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.reset()
 
-    def reset(self) -> None:
+    FIELDS = ("counts", "prob_sums", "entropy_sums", "z_sums", "tokens")
+
+    def reset(self, device: torch.device | str = "cpu") -> None:
         L, E = self.num_layers, self.num_experts
-        self.counts = torch.zeros(L, E, dtype=torch.float64)
-        self.prob_sums = torch.zeros(L, E, dtype=torch.float64)
-        self.entropy_sums = torch.zeros(L, dtype=torch.float64)
-        self.z_sums = torch.zeros(L, dtype=torch.float64)
-        self.tokens = torch.zeros(L, dtype=torch.float64)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.counts, self.prob_sums = zeros(L, E), zeros(L, E)
+        self.entropy_sums, self.z_sums, self.tokens = zeros(L), zeros(L), zeros(L)
 
     @torch.no_grad()
     def update(self, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None) -> None:
         """Add one forward pass: ``router_logits`` holds one [T, E] tensor per MoE layer."""
+        if router_logits and self.counts.device != router_logits[0].device:
+            self.reset(router_logits[0].device)  # first use: move the (empty) accumulators to the logits' device
         for layer, logits in enumerate(router_logits):
             logits = logits.detach().float()
             mask = _token_mask(attention_mask, logits.shape[0], logits.device)[:, None]  # [T, 1]
             logp = torch.log_softmax(logits, dim=-1)
             probs = logp.exp()
             selected = F.one_hot(logits.topk(self.top_k, dim=-1).indices, self.num_experts).float().sum(1)  # [T, E]
-            self.counts[layer] += (selected * mask).sum(0).double().cpu()
-            self.prob_sums[layer] += (probs * mask).sum(0).double().cpu()
-            self.entropy_sums[layer] += (-(probs * logp).sum(-1, keepdim=True) * mask).sum().double().cpu()
-            self.z_sums[layer] += (torch.logsumexp(logits, -1, keepdim=True) ** 2 * mask).sum().double().cpu()
-            self.tokens[layer] += mask.sum().double().cpu()
+            self.counts[layer] += (selected * mask).sum(0).double()
+            self.prob_sums[layer] += (probs * mask).sum(0).double()
+            self.entropy_sums[layer] += (-(probs * logp).sum(-1, keepdim=True) * mask).sum().double()
+            self.z_sums[layer] += (torch.logsumexp(logits, -1, keepdim=True) ** 2 * mask).sum().double()
+            self.tokens[layer] += mask.sum().double()
 
     def pop(self) -> dict[str, torch.Tensor] | None:
-        """``{"load": [L, E] fractions, "counts", "entropy", "aux_loss", "z_loss": [L]}``, then reset."""
-        if self.tokens.sum() == 0:
+        """``{"load": [L, E] fractions, "counts", "entropy", "aux_loss", "z_loss": [L]}`` on the CPU, then reset."""
+        device = self.counts.device
+        counts, prob_sums, entropy_sums, z_sums, tokens = (getattr(self, f).cpu() for f in self.FIELDS)
+        self.reset(device)
+        if tokens.sum() == 0:
             return None
-        tokens = self.tokens.clamp_min(1)
-        load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)
-        mean_probs = self.prob_sums / tokens[:, None]
-        out = {
+        tokens = tokens.clamp_min(1)
+        load = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        return {
             "load": load,
-            "counts": self.counts.clone(),
-            "entropy": self.entropy_sums / tokens,
-            "aux_loss": self.num_experts * (load * mean_probs).sum(dim=1),
-            "z_loss": self.z_sums / tokens,
+            "counts": counts,
+            "entropy": entropy_sums / tokens,
+            "aux_loss": self.num_experts * (load * prob_sums / tokens[:, None]).sum(dim=1),
+            "z_loss": z_sums / tokens,
         }
-        self.reset()
-        return out

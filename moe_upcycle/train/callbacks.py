@@ -61,11 +61,10 @@ def _sum_across_processes(stats, device: torch.device) -> None:
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    for name in ("counts", "prob_sums", "entropy_sums", "z_sums", "tokens"):
-        tensor = getattr(stats, name)
-        pooled = tensor.to(device)
-        dist.all_reduce(pooled)
-        tensor.copy_(pooled.cpu())
+    if stats.counts.device != device:
+        stats.reset(device)  # this process has not routed anything yet: contribute zeros
+    for name in stats.FIELDS:
+        dist.all_reduce(getattr(stats, name))
 
 
 class RoutingStatsCallback(TrainerCallback):

@@ -21,6 +21,19 @@ def _builder_for(path: str) -> str:
     return _BUILDERS[suffix]
 
 
+def load_files(files: dict[str, str]) -> DatasetDict:
+    """Load local data files by split name; plain text is read one paragraph (blank-line separated) per example."""
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise InvalidOptionError(f"--{split if split == 'validation' else 'train'}_file {path} does not exist")
+    builders = {_builder_for(p) for p in files.values()}
+    if len(builders) > 1:
+        raise InvalidOptionError(f"training and validation files must have the same type, got {sorted(builders)}")
+    builder = builders.pop()
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    return load_dataset(builder, data_files=files, **kwargs)
+
+
 def load_raw(data: DataArguments) -> DatasetDict | dict:
     """Raw text splits ``train`` and ``validation`` (carved from train when none is given)."""
     if data.dataset_name is not None:
@@ -37,16 +50,7 @@ def load_raw(data: DataArguments) -> DatasetDict | dict:
         files = {"train": data.train_file}
         if data.validation_file is not None:
             files["validation"] = data.validation_file
-        for split, path in files.items():
-            if not Path(path).is_file():
-                raise InvalidOptionError(f"--{split if split == 'validation' else 'train'}_file {path} does not exist")
-        builders = {_builder_for(p) for p in files.values()}
-        if len(builders) > 1:
-            raise InvalidOptionError(f"training and validation files must have the same type, got {sorted(builders)}")
-        builder = builders.pop()
-        # Plain text is prose: one example per paragraph (blank-line separated), not per line.
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        raw = load_dataset(builder, data_files=files, **kwargs)
+        raw = load_files(files)
     else:
         raise InvalidOptionError("no training data: pass --train_file FILE or --dataset_name HUB_ID")
     if "validation" not in raw:
@@ -58,10 +62,15 @@ def load_raw(data: DataArguments) -> DatasetDict | dict:
             )
         split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0, shuffle=False)
         raw = DatasetDict(train=split["train"], validation=split["test"])
-    columns = raw["train"].column_names
-    if columns is not None and data.text_column not in columns:
-        raise InvalidOptionError(f"text column {data.text_column!r} is not in the data; its columns are {columns}")
+    check_text_column(raw["train"], data.text_column)
     return raw
+
+
+def check_text_column(dataset, column: str) -> None:
+    """Raise if ``column`` is not in ``dataset`` (streamed datasets may not know their columns)."""
+    columns = dataset.column_names
+    if columns is not None and column not in columns:
+        raise InvalidOptionError(f"text column {column!r} is not in the data; its columns are {columns}")
 
 
 def pack(raw, tokenizer, data: DataArguments):

@@ -115,8 +115,9 @@ def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
     if moe.router_only:
         if not is_moe:
             raise InvalidOptionError("--router_only needs an upcycled MoE model; this model has no routers")
+        routers = tuple(f".{r}" for r in find_targets(model, ["router"])[2])  # e.g. ".mlp.gate"
         for name, param in model.named_parameters():
-            param.requires_grad = ".gate." in name and name.endswith("gate.weight") and ".mlp." in name
+            param.requires_grad = name.rsplit(".", 1)[0].endswith(routers)
     elif moe.use_lora:
         targets = moe.lora_targets
         if moe.train_router and is_moe and "router" not in targets:
