@@ -101,6 +101,37 @@ def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, lib
     )
 
 
+ROUTER_TEXT = {
+    "topk_renorm": "softmax, top-k, weights renormalised to sum to 1 (Mixtral)",
+    "softmax_topk": "softmax over all experts, top-k without renormalisation; routed experts scaled by E x G_r / k "
+                    "(He et al. 2024)",
+    "sigmoid": "sigmoid scores, top-k of score + balancing bias, selected scores renormalised; bias updated after "
+               "every step (auxiliary-loss-free balancing, DeepSeek-V3)",
+}
+_RECIPE_FLAGS = (("granularity", "--granularity", 1), ("shared_experts", "--shared-experts", 0),
+                 ("router_type", "--router-type", "topk_renorm"), ("router_init", "--router-init", None),
+                 ("router_prompts", "--router-prompts", None), ("router_bias_update_rate", "--router-bias-update-rate", 0.0))
+
+
+def _recipe_flags(recipe: dict) -> list[str]:
+    """Command-line flags of the recipe options that differ from their defaults."""
+    flags = []
+    for key, flag, default in _RECIPE_FLAGS:
+        if recipe.get(key, default) not in (default, None):
+            flags += [flag, str(recipe[key])]
+    if recipe.get("shared_expert_gate"):
+        flags.append("--shared-expert-gate")
+    return flags
+
+
+def _recipe_is_exact(recipe: dict) -> bool:
+    if recipe.get("expert_noise") or recipe.get("drop_upcycling_ratio"):
+        return False
+    if recipe.get("router_type") == "softmax_topk" and recipe.get("router_init") != "zero":
+        return False
+    return True
+
+
 def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     """Render the card of an upcycled model folder (converted, merged or fully fine-tuned)."""
     folder = Path(folder)
@@ -121,6 +152,7 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         "--expert-noise", str(recipe.get("expert_noise", 0.0)),
         "--drop-upcycling", str(recipe.get("drop_upcycling_ratio", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
         "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
+        *_recipe_flags(recipe),
     ])
     return _render(
         TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS,
@@ -136,12 +168,18 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         expert_noise=recipe.get("expert_noise", 0.0),
         drop_ratio=recipe.get("drop_upcycling_ratio", 0.0),
         router_init_std=config.get("router_init_std"),
+        router=ROUTER_TEXT[config.get("router_type", "topk_renorm")],
+        router_init=recipe.get("router_init", "random"),
+        granularity=recipe.get("granularity", 1),
+        shared_width=config.get("shared_expert_intermediate_size", 0),
+        shared_gate=config.get("shared_expert_gate", False),
+        expert_width=config.get("expert_intermediate_size"),
         aux_coef=config.get("router_aux_loss_coef"),
         z_coef=config.get("router_z_loss_coef"),
         total_params=f"{total:,}",
         active_params=f"{active:,}",
         dtype=config.get("dtype") or text.get("dtype"),
-        exact=not recipe.get("expert_noise") and not recipe.get("drop_upcycling_ratio") and training is None,
+        exact=_recipe_is_exact(recipe) and training is None,
         training=training,
         metrics=_metrics_table(folder),
         heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import UpcycleError
+from .yaml_config import apply_yaml_defaults, config_path
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +19,29 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("convert", help="upcycle a dense checkpoint into a sparse MoE checkpoint",
                        description="Upcycle a dense causal LM (local folder or Hub id) into a sparse MoE model.")
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="recipe file whose keys are these flags without -- (see configs/); flags override it")
     p.add_argument("source", help="local folder or Hub model id of the dense model")
     p.add_argument("output", help="folder to write the MoE model to (must not exist or be empty)")
     p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     p.add_argument("--layers", default="all", help=f"MoE layers: {LAYER_SPEC_HELP} (default all)")
+    p.add_argument("--granularity", type=int, default=1, metavar="G",
+                   help="fine-grained upcycling: cut each MLP into G neuron slices (He et al. 2024); --num-experts and "
+                        "--top-k count slices, e.g. --granularity 4 --num-experts 32 --top-k 8 (default 1)")
+    p.add_argument("--shared-experts", type=int, default=0, metavar="S",
+                   help="slices (of G) that form an always-on shared expert (DeepSeekMoE / Qwen-MoE; default 0)")
+    p.add_argument("--shared-expert-gate", action="store_true", help="sigmoid-gate the shared expert (Qwen2-MoE)")
+    p.add_argument("--router-type", default="topk_renorm", choices=["topk_renorm", "softmax_topk", "sigmoid"],
+                   help="topk_renorm (Mixtral, default), softmax_topk (no renormalisation, experts scaled), "
+                        "sigmoid (DeepSeek-V3, auxiliary-loss-free bias balancing)")
+    p.add_argument("--router-init", default="auto", choices=["auto", "random", "zero", "hidden", "embedding"],
+                   help="router initialisation; hidden/embedding read --router-prompts (default auto: zero for "
+                        "softmax_topk without slices, else random)")
+    p.add_argument("--router-prompts", default=None, metavar="YAML",
+                   help="per-expert prompts for --router-init hidden|embedding (see configs/router_prompts_example.yaml)")
+    p.add_argument("--router-bias-update-rate", type=float, default=None,
+                   help="sigmoid routers: bias balancing speed gamma (default 0.001, DeepSeek-V3)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the random router (default 0.02)")
     p.add_argument("--expert-noise", type=float, default=0.0,
                    help="relative Gaussian noise per expert; > 0 breaks exactness on purpose (default 0)")
@@ -45,6 +65,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     options = UpcycleOptions(
         num_experts=args.num_experts, top_k=args.top_k, layers=args.layers, router_init_std=args.router_init_std,
+        granularity=args.granularity, shared_experts=args.shared_experts, shared_expert_gate=args.shared_expert_gate,
+        router_type=args.router_type, router_init=args.router_init, router_prompts=args.router_prompts,
+        router_bias_update_rate=args.router_bias_update_rate,
         expert_noise=args.expert_noise, drop_upcycling_ratio=args.drop_upcycling, dtype=args.dtype,
         max_shard_size=args.max_shard_size, seed=args.seed,
         revision=args.revision, verify=args.verify, overwrite=args.overwrite,
@@ -165,12 +188,21 @@ def _run_train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["train"]:  # HfArgumentParser owns the training flags
             return _run_train(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if argv[:1] == ["convert"]:  # a recipe file supplies the convert parser's defaults
+            config, _ = config_path(argv[1:])
+            apply_yaml_defaults(_subparser(parser, "convert"), config)
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UpcycleError as err:
         print(f"moe-upcycle: error: {err}", file=sys.stderr)

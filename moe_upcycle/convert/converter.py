@@ -98,6 +98,10 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             router_z_loss_coef=options.router_z_loss_coef,
             router_jitter_noise=options.router_jitter_noise,
             router_init_std=options.router_init_std,
+            router_type=options.router_type,
+            router_bias_update_rate=options.router_bias_update_rate,
+            shared_expert_intermediate_size=options.shared_experts * builder.expert_intermediate_size(),
+            shared_expert_gate=options.shared_expert_gate,
             upcycling=recipe,
             **adapter.moe_config_fields(dense_config),
         )
@@ -120,11 +124,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         notes = []
         if options.verify:
             max_diff = verify_conversion(folder, tmp)
-            reasons = []
-            if options.expert_noise:
-                reasons.append(f"expert_noise={options.expert_noise}")
-            if options.drop_upcycling_ratio:
-                reasons.append(f"drop_upcycling_ratio={options.drop_upcycling_ratio}")
+            reasons = options.inexact_reasons()
             if options.torch_dtype is not None and any(
                 reader.info[k].dtype.is_floating_point and reader.info[k].dtype != options.torch_dtype for k in reader.info
             ):

@@ -25,7 +25,7 @@ def dropped_neurons(seed: int, layer: int, expert: int, intermediate: int, ratio
     return torch.randperm(intermediate, generator=_generator(seed, layer, expert, 7))[:count].sort().values
 
 
-def _neuron_slices(name: str, shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int]]]:
+def neuron_layout(name: str, shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int]]]:
     """(axis of the neuron index, [(offset, size I)] per original matrix) of an expert tensor."""
     if name == "gate_up_proj" or name == "gate_up_proj_bias":
         half = shape[0] // 2
@@ -35,6 +35,18 @@ def _neuron_slices(name: str, shape: tuple[int, ...]) -> tuple[int, list[tuple[i
     if name == "down_proj":
         return 1, [(0, shape[1])]
     return -1, []  # down_proj_bias has no intermediate axis
+
+
+def slice_neurons(tensor: torch.Tensor, name: str, start: int, width: int) -> torch.Tensor:
+    """Neurons ``[start, start + width)`` of one expert tensor (both halves of a fused ``gate_up_proj``).
+
+    E.g. gate_up_proj [2I, H] -> [2w, H] (gate rows, then up rows); down_proj [H, I] -> [H, w]; a tensor
+    without an intermediate axis (``down_proj_bias``) is returned unchanged.
+    """
+    axis, matrices = neuron_layout(name, tuple(tensor.shape))
+    if axis < 0:
+        return tensor
+    return torch.cat([tensor.narrow(axis, offset + start, width) for offset, _ in matrices], dim=axis)
 
 
 def diversify(base: torch.Tensor, name: str, *, layer: int, expert: int, seed: int, drop_ratio: float,
@@ -48,7 +60,7 @@ def diversify(base: torch.Tensor, name: str, *, layer: int, expert: int, seed: i
         noise: relative noise std (x the tensor's std) added to weights, not biases (0 = none).
     """
     out = base.float().clone()
-    axis, matrices = _neuron_slices(name, tuple(base.shape))
+    axis, matrices = neuron_layout(name, tuple(base.shape))
     if drop_ratio > 0 and axis >= 0:
         intermediate = matrices[0][1]
         idx = dropped_neurons(seed, layer, expert, intermediate, drop_ratio)

@@ -15,6 +15,11 @@ DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
+RouterType = Literal["topk_renorm", "softmax_topk", "sigmoid"]
+ROUTER_TYPES: tuple[str, ...] = ("topk_renorm", "softmax_topk", "sigmoid")
+RouterInit = Literal["auto", "random", "zero", "hidden", "embedding"]
+ROUTER_INITS: tuple[str, ...] = ("auto", "random", "zero", "hidden", "embedding")
+DEEPSEEK_V3_BIAS_UPDATE_RATE = 0.001  # gamma of DeepSeek-V3's auxiliary-loss-free balancing
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
 
 
@@ -27,8 +32,22 @@ class UpcycleOptions:
     """What to build from the dense checkpoint.
 
     Args:
-        num_experts: experts per MoE layer, E (each a copy of the dense MLP).
-        top_k: experts selected per token, k (``1 <= k <= E``).
+        num_experts: routed experts per MoE layer, E. With ``granularity`` G and ``shared_experts`` S the dense
+            MLP's intermediate neurons are cut into G slices, S of them form the shared expert and the other
+            G_r = G - S are copied ``E / G_r`` times ("virtual groups" of G_r experts, He et al. 2024).
+        top_k: experts selected per token, k (``1 <= k <= E``); a multiple of G_r, so that every token picks
+            whole virtual groups.
+        granularity: G, slices per dense MLP (fine-grained upcycling, He et al. 2024, arXiv 2410.07524).
+        shared_experts: S, slices of width I/G that become one always-on shared expert (DeepSeekMoE / Qwen-MoE).
+        shared_expert_gate: scale the shared expert by ``sigmoid(x @ w)`` (Qwen2-MoE); w starts at 0 and the
+            shared expert's output projection is doubled, so the model stays exact.
+        router_type: ``topk_renorm`` (Mixtral), ``softmax_topk`` (no renormalisation; experts scaled by
+            E x G_r / k, He et al. 2024) or ``sigmoid`` (DeepSeek-V3 with auxiliary-loss-free bias balancing).
+        router_init: ``random`` (normal, ``router_init_std``; rows shared within a virtual group), ``zero``,
+            ``hidden`` / ``embedding`` (rows from per-expert prompts, see ``router_prompts``), or ``auto``:
+            ``zero`` for ``softmax_topk`` without slicing (the only exact choice there), else ``random``.
+        router_prompts: YAML file of per-expert prompts for ``router_init`` ``hidden`` / ``embedding``.
+        router_bias_update_rate: DeepSeek-V3's gamma for ``sigmoid`` routers (default 0.001); 0 elsewhere.
         layers: which decoder layers get a MoE block; see :func:`resolve_layers`.
         router_init_std: std of the random router. Must be > 0: an all-zero router ties and sends every
             token to the same k experts.
@@ -48,6 +67,13 @@ class UpcycleOptions:
     num_experts: int = 8
     top_k: int = 2
     layers: str | Sequence[int] = "all"
+    granularity: int = 1
+    shared_experts: int = 0
+    shared_expert_gate: bool = False
+    router_type: RouterType = "topk_renorm"
+    router_init: RouterInit = "auto"
+    router_prompts: str | None = None
+    router_bias_update_rate: float | None = None
     router_init_std: float = 0.02
     expert_noise: float = 0.0
     drop_upcycling_ratio: float = 0.0
@@ -69,6 +95,7 @@ class UpcycleOptions:
         if not self.router_init_std > 0:
             raise _invalid("router_init_std", self.router_init_std,
                            "a number > 0 (an all-zero router ties and routes every token to the same experts)")
+        self._check_recipe()
         if not self.expert_noise >= 0:
             raise _invalid("expert_noise", self.expert_noise, "a number >= 0")
         if not 0 <= self.drop_upcycling_ratio < 1:
@@ -85,6 +112,72 @@ class UpcycleOptions:
         if isinstance(self.layers, str):
             resolve_layers(self.layers, None)  # syntax check now; the range check needs the model
 
+    def _check_recipe(self) -> None:
+        """Validate granularity, shared experts and router choices against each other."""
+        G, S = self.granularity, self.shared_experts
+        if not isinstance(G, int) or G < 1:
+            raise _invalid("granularity", G, "an integer >= 1 (slices per dense MLP)")
+        if not isinstance(S, int) or S < 0:
+            raise _invalid("shared_experts", S, "an integer >= 0")
+        if S and S >= G:
+            raise _invalid("shared_experts", S, f"fewer than granularity={G}: the shared expert is carved out of the "
+                           "dense MLP's neurons, e.g. --granularity 4 --shared-experts 1")
+        if self.shared_expert_gate and not S:
+            raise _invalid("shared_expert_gate", True, "False without shared experts (set --shared-experts)")
+        routed = self.routed_slices
+        if self.num_experts % routed:
+            raise _invalid("num_experts", self.num_experts,
+                           f"a multiple of the {routed} routed slices per MLP (E = slices x copies)")
+        if self.top_k % routed:
+            raise _invalid("top_k", self.top_k, f"a multiple of the {routed} routed slices per MLP, so that every token "
+                           "selects whole virtual groups (He et al. 2024: top-(G x k))")
+        if self.router_type not in ROUTER_TYPES:
+            raise _invalid("router_type", self.router_type, f"one of {', '.join(ROUTER_TYPES)}")
+        if self.router_init not in ROUTER_INITS:
+            raise _invalid("router_init", self.router_init, f"one of {', '.join(ROUTER_INITS)}")
+        if self.router_init == "auto":
+            zero = self.router_type == "softmax_topk" and routed == 1
+            self.router_init = "zero" if zero else "random"
+        if self.router_init == "zero" and routed > 1:
+            raise _invalid("router_init", "zero", "random, hidden or embedding when experts are slices: tied router "
+                           "logits would select incomplete virtual groups")
+        if (self.router_prompts is None) == (self.router_init in ("hidden", "embedding")):
+            raise _invalid("router_prompts", self.router_prompts,
+                           "a YAML file of per-expert prompts exactly when router_init is hidden or embedding")
+        if self.router_bias_update_rate is None:
+            self.router_bias_update_rate = DEEPSEEK_V3_BIAS_UPDATE_RATE if self.router_type == "sigmoid" else 0.0
+        if not self.router_bias_update_rate >= 0 or (self.router_bias_update_rate and self.router_type != "sigmoid"):
+            raise _invalid("router_bias_update_rate", self.router_bias_update_rate,
+                           "a number >= 0, and 0 unless router_type is sigmoid")
+
+    @property
+    def routed_slices(self) -> int:
+        """G_r: neuron slices per dense MLP that become routed experts (one virtual group)."""
+        return self.granularity - self.shared_experts
+
+    @property
+    def expert_scale(self) -> float:
+        """Factor on the routed experts' output projections that keeps the block exact (He et al. 2024, sec. 3).
+
+        Renormalised weights of one virtual group sum to 1/G_r per slice, so slices are scaled by G_r; without
+        renormalisation a uniform router gives each of the k selected experts 1/E, so they are scaled by
+        E x G_r / k (exact only for a uniform router and G_r = 1).
+        """
+        if self.router_type == "softmax_topk":
+            return self.num_experts * self.routed_slices / self.top_k
+        return float(self.routed_slices)
+
+    def inexact_reasons(self) -> list[str]:
+        """Why this recipe does not reproduce the dense model exactly (empty when it does)."""
+        reasons = []
+        if self.expert_noise:
+            reasons.append(f"expert_noise={self.expert_noise}")
+        if self.drop_upcycling_ratio:
+            reasons.append(f"drop_upcycling_ratio={self.drop_upcycling_ratio}")
+        if self.router_type == "softmax_topk" and self.router_init != "zero":
+            reasons.append(f"router_type=softmax_topk with router_init={self.router_init} (only a uniform router is exact)")
+        return reasons
+
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return DTYPES[self.dtype]
@@ -92,7 +185,7 @@ class UpcycleOptions:
     @property
     def is_exact(self) -> bool:
         """True when the recipe makes the MoE model compute exactly what the dense model did."""
-        return self.expert_noise == 0 and self.drop_upcycling_ratio == 0
+        return not self.inexact_reasons()
 
     def recipe(self) -> dict[str, Any]:
         """The options worth recording in the output config (for cards and reproduction)."""

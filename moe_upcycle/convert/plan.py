@@ -8,7 +8,7 @@ no memory is used) and the planned output is checked, name by name and shape by 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +17,10 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from ..adapters import ArchitectureAdapter, ExpertTensor
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
-from .diversity import diversify
+from .diversity import diversify, slice_neurons
 from .options import UpcycleOptions
 from .safetensors_io import PlannedTensor, SafetensorsCheckpoint
 
@@ -100,9 +100,12 @@ class PlanBuilder:
     """Builds the ordered list of :class:`PlannedTensor` for one conversion."""
 
     def __init__(self, reader: SafetensorsCheckpoint, adapter: ArchitectureAdapter, config: PreTrainedConfig,
-                 layers: list[int], options: UpcycleOptions):
+                 layers: list[int], options: UpcycleOptions, router_rows: dict[int, torch.Tensor] | None = None):
+        """``router_rows``: per MoE layer, one router row per expert copy [E / G_r, H] (data initialisation)."""
         self.reader, self.adapter, self.config = reader, adapter, config
-        self.layers, self.options = layers, options
+        self.layers, self.options, self.router_rows = layers, options, router_rows
+        if options.router_init in ("hidden", "embedding") and router_rows is None:
+            raise ValueError(f"router_init={options.router_init!r} needs router_rows computed from the prompts")
         self.layout = dense_layout(config)
         self.keys = match_source_keys(reader.keys(), self.layout)
         for name, key in self.keys.items():
@@ -119,7 +122,8 @@ class PlanBuilder:
         dtype = self._dtype(info.dtype)
         return PlannedTensor(MOE_PREFIX + name, dtype, info.shape, lambda: [self.reader.get(key).to(dtype)])
 
-    def _expert(self, layer: int, spec: ExpertTensor) -> PlannedTensor:
+    def _dense(self, layer: int, spec: ExpertTensor) -> tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]:
+        """(shape [out, in] or [out], dtype, loader) of the dense tensor that ``spec`` fuses, in [out, in] layout."""
         prefix = self.adapter.mlp_prefix(layer)
         keys = [self.keys[prefix + s] for s in spec.sources]
         shapes = [self.reader.info[k].shape for k in keys]
@@ -127,50 +131,127 @@ class PlanBuilder:
             shapes = [tuple(reversed(s)) for s in shapes]
         if any(s[1:] != shapes[0][1:] for s in shapes):
             raise CheckpointError(f"cannot concatenate {keys} with shapes {shapes}")
-        per_expert = (sum(s[0] for s in shapes), *shapes[0][1:])
         dtype = self._dtype(self.reader.info[keys[0]].dtype)
-        options, num_experts = self.options, self.options.num_experts
 
-        def chunks():
+        def load() -> torch.Tensor:
             parts = [self.reader.get(k) for k in keys]
             if spec.transpose:
                 parts = [p.t() for p in parts]
-            base = torch.cat(parts, dim=0).to(dtype).contiguous()  # [out, in] of one expert
-            drop, noise = options.drop_upcycling_ratio, options.expert_noise
-            if drop == 0 and (noise == 0 or spec.is_bias):
-                for _ in range(num_experts):
-                    yield base
-                return
-            for expert in range(num_experts):
-                yield diversify(base, spec.name, layer=layer, expert=expert, seed=options.seed, drop_ratio=drop,
-                                noise=noise).to(dtype)
+            return torch.cat(parts, dim=0).to(dtype).contiguous()
 
-        name = f"{MOE_PREFIX}{prefix}experts.{spec.name}"
-        return PlannedTensor(name, dtype, (num_experts, *per_expert), chunks)
+        return (sum(s[0] for s in shapes), *shapes[0][1:]), dtype, load
 
-    def _router(self, layer: int, dtype: torch.dtype) -> PlannedTensor:
-        shape = (self.options.num_experts, self.config.hidden_size)
-        seed, std = _seed(self.options.seed, layer, -1, "router"), self.options.router_init_std
+    def dense_intermediate_size(self) -> int:
+        return self._dense(self.layers[0], self._spec("down_proj"))[0][-1]
+
+    def expert_intermediate_size(self) -> int:
+        return self.dense_intermediate_size() // self.options.granularity
+
+    def _spec(self, name: str) -> ExpertTensor:
+        return next(t for t in self.adapter.expert_tensors(self.config) if t.name == name)
+
+    def _routed_part(self, name: str, tensor: torch.Tensor, shard: int) -> torch.Tensor:
+        """Slice ``shard`` of a dense [out, in] tensor as a routed expert, with the exactness scale applied."""
+        options, width = self.options, self.expert_intermediate_size()
+        part = slice_neurons(tensor, name, shard * width, width)
+        if name == "down_proj":
+            return part * options.expert_scale
+        if name == "down_proj_bias":  # counted once per virtual group, or carried by the shared expert
+            return part * (options.expert_scale / options.routed_slices) if not options.shared_experts else part * 0
+        return part
+
+    def _expert(self, layer: int, spec: ExpertTensor) -> PlannedTensor:
+        """Fused tensor [E, out, in] of one layer: expert e holds slice S + e mod G_r, scaled, then diversified."""
+        (out_dim, *rest), dtype, load = self._dense(layer, spec)
+        options, width = self.options, self.expert_intermediate_size()
+        num_experts, routed, shared = options.num_experts, options.routed_slices, options.shared_experts
+        if spec.name == "down_proj":
+            shape = (num_experts, out_dim, width)
+        elif spec.name == "down_proj_bias":
+            shape = (num_experts, out_dim)
+        else:  # gate/up rows (and their biases) are the sliced axis
+            shape = (num_experts, out_dim // options.granularity, *rest)
 
         def chunks():
-            generator = torch.Generator().manual_seed(seed)
-            yield (torch.randn(shape, generator=generator) * std).to(dtype)
+            base = load()
+            slices = [self._routed_part(spec.name, base, shared + g).to(dtype) for g in range(routed)]
+            drop, noise = options.drop_upcycling_ratio, options.expert_noise
+            for expert in range(num_experts):
+                part = slices[expert % routed]
+                if drop == 0 and (noise == 0 or spec.is_bias):
+                    yield part
+                else:
+                    yield diversify(part, spec.name, layer=layer, expert=expert, seed=options.seed, drop_ratio=drop,
+                                    noise=noise).to(dtype)
 
-        return PlannedTensor(f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}gate.weight", dtype, shape, chunks)
+        return PlannedTensor(f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
+
+    def _shared(self, layer: int) -> list[PlannedTensor]:
+        """The shared expert (first S slices of the dense MLP, unscaled, doubled under a sigmoid gate at 0)."""
+        options = self.options
+        width = options.shared_experts * self.expert_intermediate_size()
+        factor = 2.0 if options.shared_expert_gate else 1.0  # sigmoid(0) = 1/2
+        prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}shared_expert."
+        planned = []
+        for spec in self.adapter.expert_tensors(self.config):
+            (_, *rest), dtype, load = self._dense(layer, spec)
+            suffix = "bias" if spec.is_bias else "weight"
+            stem = spec.name.removesuffix("_bias")
+
+            def part(load=load, name=spec.name, dtype=dtype) -> torch.Tensor:
+                out = slice_neurons(load(), name, 0, width)
+                return (out * factor if name.startswith("down_proj") else out).to(dtype)
+
+            if stem == "gate_up_proj":  # fused [gate; up] -> two Linear layers
+                for half, target in enumerate(("gate_proj", "up_proj")):
+                    planned.append(PlannedTensor(f"{prefix}{target}.{suffix}", dtype, (width, *rest),
+                                                 lambda part=part, half=half: [part().chunk(2, dim=0)[half]]))
+            else:
+                hidden = self.config.hidden_size
+                shape = (width, *rest) if stem == "up_proj" else ((hidden, width) if not spec.is_bias else (hidden,))
+                planned.append(PlannedTensor(f"{prefix}{stem}.{suffix}", dtype, shape, lambda part=part: [part()]))
+        if options.shared_expert_gate:
+            shape = (1, self.config.hidden_size)
+            dtype = planned[0].dtype
+            planned.append(PlannedTensor(f"{prefix[:-1]}_gate.weight", dtype, shape, lambda: [torch.zeros(shape, dtype=dtype)]))
+        return planned
+
+    def _router(self, layer: int, dtype: torch.dtype) -> list[PlannedTensor]:
+        """Router weight [E, H]: one row per copy, repeated over the G_r slices of its virtual group."""
+        options = self.options
+        copies, hidden = options.num_experts // options.routed_slices, self.config.hidden_size
+        seed = _seed(options.seed, layer, -1, "router")
+
+        def chunks():
+            if options.router_init == "zero":
+                rows = torch.zeros(copies, hidden)
+            elif self.router_rows is not None:
+                rows = self.router_rows[layer]
+            else:
+                rows = torch.randn((copies, hidden), generator=torch.Generator().manual_seed(seed)) * options.router_init_std
+            yield rows.repeat_interleave(options.routed_slices, dim=0).to(dtype)
+
+        prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}gate."
+        planned = [PlannedTensor(prefix + "weight", dtype, (options.num_experts, hidden), chunks)]
+        if options.router_type == "sigmoid":
+            shape = (options.num_experts,)
+            planned.append(PlannedTensor(prefix + "e_score_correction_bias", torch.float32, shape,
+                                         lambda: [torch.zeros(shape, dtype=torch.float32)]))
+        return planned
 
     # -- the plan --------------------------------------------------------------------------------
     def mlp_tensors(self, layer: int) -> set[str]:
         prefix = self.adapter.mlp_prefix(layer)
         return {n for n in self.layout.shapes if n.startswith(prefix)}
 
-    def expert_intermediate_size(self) -> int:
-        down = self._expert(self.layers[0], next(t for t in self.adapter.tensors if t.name == "down_proj"))
-        return down.shape[-1]
-
     def build(self) -> list[PlannedTensor]:
         plan: list[PlannedTensor] = []
         prefixes = {self.adapter.mlp_prefix(i): i for i in self.layers}
         specs = self.adapter.expert_tensors(self.config)
+        intermediate, granularity = self.dense_intermediate_size(), self.options.granularity
+        if intermediate % granularity:
+            raise InvalidOptionError(f"granularity={granularity} is invalid: the dense MLP's {intermediate} intermediate "
+                                     f"neurons must split into equal slices; use a divisor of {intermediate}")
         done: set[int] = set()
         for layer in self.layers:
             wanted = {self.adapter.mlp_prefix(layer) + s for spec in specs for s in spec.sources}
@@ -185,8 +266,10 @@ class PlanBuilder:
             if layer is not None:
                 if layer not in done:
                     experts = [self._expert(layer, spec) for spec in specs]
-                    plan.append(self._router(layer, experts[0].dtype))
+                    plan.extend(self._router(layer, experts[0].dtype))
                     plan.extend(experts)
+                    if self.options.shared_experts:
+                        plan.extend(self._shared(layer))
                     done.add(layer)
             elif name in self.keys:
                 plan.append(self._copy(name))

@@ -73,6 +73,11 @@ def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget) -> str | N
     if config.expert_kind != "glu" or config.expert_bias:
         return f"{target.label} experts are gated and unbiased; these are expert_kind={config.expert_kind!r}, " \
                f"expert_bias={config.expert_bias}"
+    router_type = getattr(config, "router_type", "topk_renorm")
+    if router_type != "topk_renorm":
+        return f"{target.label} routers renormalise the softmax top-k weights; this checkpoint's router_type is {router_type!r}"
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        return "this checkpoint has a shared expert, which the export does not map (keep the upcycled class)"
     num_layers = text.num_hidden_layers
     dense = [i for i in range(num_layers) if i not in config.moe_layers]
     if dense and not target.dense_layers:

@@ -14,6 +14,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 ExpertKind = Literal["glu", "mlp"]
 EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")
+RouterType = Literal["topk_renorm", "softmax_topk", "sigmoid"]
+ROUTER_TYPES: tuple[str, ...] = ("topk_renorm", "softmax_topk", "sigmoid")
 
 
 class UpcycledMoeConfig(PreTrainedConfig):
@@ -41,6 +43,18 @@ class UpcycledMoeConfig(PreTrainedConfig):
         router_aux_loss_coef: weight of the Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4).
         router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
         router_jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on router inputs in training.
+        router_type: how router logits become expert weights:
+            ``"topk_renorm"`` -- softmax, top-k, weights renormalised to sum to 1 (Mixtral);
+            ``"softmax_topk"`` -- softmax over all experts, top-k, no renormalisation (Switch / GShard;
+            exact upcycling then needs the weight scaling of He et al. 2024, arXiv 2410.07524, done by the converter);
+            ``"sigmoid"`` -- sigmoid scores, top-k of score + a balancing bias, selected scores renormalised
+            (DeepSeek-V3, arXiv 2412.19437, section 2.1.2).
+        router_bias_update_rate: DeepSeek-V3's auxiliary-loss-free balancing speed gamma (``sigmoid`` routers
+            only): after every optimizer step each expert's selection bias moves by ``gamma`` towards balance
+            (``RouterBiasCallback``). 0 keeps the bias fixed.
+        shared_expert_intermediate_size: width of the always-on shared expert (Qwen-MoE, DeepSeekMoE); 0 = none.
+            Several shared experts of width I are one shared expert of width n * I.
+        shared_expert_gate: scale the shared expert's output by ``sigmoid(x @ w)`` (Qwen2-MoE) instead of 1.
         router_init_std: standard deviation of a freshly initialised router (never all-zero: ties route every
             token to the same experts).
         output_router_logits: return per-layer router logits by default.
@@ -52,7 +66,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
     sub_configs_defaults: ClassVar[dict] = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]
 
     text_config: dict | PreTrainedConfig | None = None
     num_experts: int = 8
@@ -69,6 +83,10 @@ class UpcycledMoeConfig(PreTrainedConfig):
     router_z_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
     router_init_std: float = 0.02
+    router_type: RouterType = "topk_renorm"
+    router_bias_update_rate: float = 0.0
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
     output_router_logits: bool = False
     upcycling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
@@ -105,6 +123,15 @@ class UpcycledMoeConfig(PreTrainedConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and value >= 0, name, value, "a number >= 0")
+        _check(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"one of {ROUTER_TYPES}")
+        rate = self.router_bias_update_rate
+        _check(isinstance(rate, (int, float)) and rate >= 0, "router_bias_update_rate", rate, "a number >= 0")
+        _check(rate == 0 or self.router_type == "sigmoid", "router_bias_update_rate", rate,
+               "0 unless router_type='sigmoid' (the balancing bias belongs to sigmoid routers)")
+        width = self.shared_expert_intermediate_size
+        _check(isinstance(width, int) and width >= 0, "shared_expert_intermediate_size", width, "an integer >= 0")
+        _check(width > 0 or not self.shared_expert_gate, "shared_expert_gate", self.shared_expert_gate,
+               "False when there is no shared expert (shared_expert_intermediate_size=0)")
         eps = self.router_jitter_noise
         _check(isinstance(eps, (int, float)) and 0 <= eps < 1, "router_jitter_noise", eps, "a number in [0, 1)")
 

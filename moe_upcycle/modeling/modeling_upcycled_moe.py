@@ -29,12 +29,25 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
 
+# The KV cache field of model outputs: ``cache`` from Transformers 5.24, ``past_key_values`` before.
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class UpcycledMoeRouter(nn.Module):
-    """Softmax top-k router with renormalised weights (Mixtral's routing), computed in float32.
+    """Router ``weight`` [E, H] computed in float32; ``config.router_type`` picks the scoring rule.
 
-    With every expert an exact copy of the dense MLP, renormalised top-k weights sum to 1 and the block
-    computes exactly what the dense MLP did.
+    - ``topk_renorm`` (Mixtral): ``w = topk(softmax(x W^T)) / sum(topk(...))``. The weights sum to 1, so with
+      every expert an exact copy of the dense MLP the block computes exactly what the dense MLP did.
+    - ``softmax_topk`` (Switch, GShard): ``w = topk(softmax(x W^T))`` without renormalisation; the selected
+      weights sum to less than 1, which the converter compensates by scaling the experts (He et al. 2024).
+    - ``sigmoid`` (DeepSeek-V3 eq. 15-16): scores ``s = sigmoid(x W^T)``; experts are chosen by
+      ``topk(s + b)`` with a per-expert bias ``b`` that only steers selection, and ``w = s_sel / sum(s_sel)``.
+      ``b`` (buffer ``e_score_correction_bias``) is moved towards balance by :meth:`update_bias`
+      (auxiliary-loss-free load balancing); routed token counts since the last update are kept in
+      ``tokens_per_expert``.
+
+    ``forward`` returns the *selection scores* first: the logits for softmax routers, ``s + b`` for sigmoid
+    routers. Their top-k is the routing, so load statistics and the balancing loss read the real assignment.
     """
 
     def __init__(self, config: UpcycledMoeConfig):
@@ -42,16 +55,42 @@ class UpcycledMoeRouter(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.hidden_dim = config.text_config.hidden_size
+        self.router_type = config.router_type
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
         nn.init.normal_(self.weight, std=config.router_init_std)
+        if self.router_type == "sigmoid":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+            self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden_states [T, H] -> (logits [T, E] float32, weights [T, k] float32, indices [T, k])."""
+        """hidden_states [T, H] -> (selection scores [T, E] float32, weights [T, k] float32, indices [T, k])."""
         router_logits = F.linear(hidden_states.float(), self.weight.float())  # [T, E]
+        if self.router_type == "sigmoid":
+            scores = torch.sigmoid(router_logits)
+            selection = scores + self.e_score_correction_bias.float()
+            top_indices = torch.topk(selection, self.top_k, dim=-1).indices  # [T, k]
+            top_weights = scores.gather(-1, top_indices)
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+            if self.training:
+                self.tokens_per_expert += torch.bincount(top_indices.reshape(-1), minlength=self.num_experts)
+            return selection, top_weights, top_indices
         probs = torch.softmax(router_logits, dim=-1)
         top_weights, top_indices = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        if self.router_type == "topk_renorm":
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         return router_logits, top_weights, top_indices
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """``b_i += rate * sign(mean load - load_i)`` from the tokens routed since the last call, then reset.
+
+        Overloaded experts become less likely to be chosen, underloaded ones more (DeepSeek-V3, section
+        2.1.2). Call once per optimizer step, after summing ``tokens_per_expert`` across processes.
+        """
+        load = self.tokens_per_expert
+        if load.sum() > 0:
+            self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        load.zero_()
 
 
 class _ExpertsBase(nn.Module):
@@ -131,10 +170,32 @@ def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
     return UpcycledGluBiasExperts if config.expert_bias else UpcycledGluExperts
 
 
+class UpcycledSharedExpert(nn.Module):
+    """Always-on expert (Qwen-MoE; DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066) of width
+    ``config.shared_expert_intermediate_size``, with the dense MLP's form: gated ``down(act(gate(x)) * up(x))``
+    or plain ``down(act(up(x)))``, biased like the routed experts.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
+        super().__init__()
+        H, I = config.text_config.hidden_size, config.shared_expert_intermediate_size
+        bias = config.expert_bias
+        self.gate_proj = nn.Linear(H, I, bias=bias) if config.expert_kind == "glu" else None
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.down_proj = nn.Linear(I, H, bias=bias)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act_fn(self.up_proj(x))
+        return self.down_proj(h)
+
+
 class UpcycledSparseMoeBlock(nn.Module):
     """Drop-in replacement of a dense MLP: route each token to k of E experts and mix their outputs.
 
-    ``y = sum_{e in topk(x)} w_e(x) * expert_e(x)`` with ``w`` the renormalised top-k softmax weights.
+    ``y = sum_{e in topk(x)} w_e(x) * expert_e(x) [+ g(x) * shared(x)]`` with ``w`` from the router
+    (:class:`UpcycledMoeRouter`) and ``g(x) = sigmoid(x @ shared_expert_gate^T)`` or 1.
     """
 
     def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None):
@@ -142,6 +203,9 @@ class UpcycledSparseMoeBlock(nn.Module):
         self.jitter_noise = config.router_jitter_noise
         self.gate = UpcycledMoeRouter(config)
         self.experts = experts_class(config)(config, act_fn)
+        self.shared_expert = UpcycledSharedExpert(config, act_fn) if config.shared_expert_intermediate_size else None
+        hidden = config.text_config.hidden_size
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if config.shared_expert_gate else None
         self.dropout = dropout if dropout is not None else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -154,6 +218,11 @@ class UpcycledSparseMoeBlock(nn.Module):
             router_input = x * noise
         _, top_weights, top_indices = self.gate(router_input)
         out = self.experts(x, top_indices, top_weights.to(x.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
         return self.dropout(out.reshape(shape))
 
 
@@ -205,6 +274,24 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             RoutingStats(len(config.moe_layers), config.num_experts, config.num_experts_per_tok) if enabled else None
         )
         return self.routing_stats
+
+    def update_router_biases(self) -> None:
+        """One auxiliary-loss-free balancing step for sigmoid routers (see :meth:`UpcycledMoeRouter.update_bias`).
+
+        Call after every optimizer step (``RouterBiasCallback`` does). Routers are found in the module tree, so
+        copies made by wrappers (PEFT ``modules_to_save``) are updated too; token counts are summed over all
+        processes first, so every replica applies the same update.
+        """
+        rate = self.config.router_bias_update_rate
+        if self.config.router_type != "sigmoid" or rate <= 0:
+            return
+        routers = [m for m in self.modules() if isinstance(m, UpcycledMoeRouter)]
+        counts = torch.stack([router.tokens_per_expert for router in routers])  # [routers, E]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        for router, load in zip(routers, counts, strict=True):
+            router.tokens_per_expert.copy_(load)
+            router.update_bias(rate)
 
     # -- delegation to the dense model ---------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -258,11 +345,12 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
         tracking = self.routing_stats is not None and self.training
         with self._record_router_logits(output_router_logits or want_aux or tracking) as router_logits:
+            if past_key_values is not None:  # Transformers >= 5.24 names it ``cache`` (passed in kwargs)
+                kwargs["past_key_values"] = past_key_values
             outputs = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
@@ -284,7 +372,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=tuple(router_logits) if output_router_logits else None,
@@ -311,6 +399,7 @@ __all__ = [
     "UpcycledMoePreTrainedModel",
     "UpcycledSparseMoeBlock",
     "UpcycledMoeRouter",
+    "UpcycledSharedExpert",
     "UpcycledGluExperts",
     "UpcycledGluBiasExperts",
     "UpcycledMlpExperts",

@@ -6,15 +6,15 @@ flags on the command line override.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..errors import InvalidOptionError
+from ..yaml_config import apply_yaml_defaults, config_path
 
 LORA_GROUPS = ("attention", "experts", "dense_mlp", "router")
 
@@ -91,28 +91,12 @@ def parse_train_args(argv: Sequence[str] | None = None):
     the processes of ``accelerate launch --multi_gpu --num_processes N`` form one gloo DDP group instead of
     training N independent copies.
     """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path)
-    known, rest = pre.parse_known_args(argv)
+    config, rest = config_path(list(argv) if argv is not None else sys.argv[1:])
     if _no_accelerator() and "--use_cpu" not in rest:
         rest = [*rest, "--use_cpu", "true"]
     parser = HfArgumentParser(ALL_ARGUMENTS)
     parser.add_argument("--config", type=Path, help="YAML file of defaults; command-line flags override it")
-    if known.config is not None:
-        if not known.config.is_file():
-            raise InvalidOptionError(f"--config {known.config} does not exist")
-        values = yaml.safe_load(known.config.read_text()) or {}
-        if not isinstance(values, dict):
-            raise InvalidOptionError(f"{known.config} must hold a mapping of argument names to values")
-        valid = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise InvalidOptionError(f"{known.config}: unknown keys {unknown}; keys are the flag names without --")
-        parser.set_defaults(**values)
-        # required arguments given in the file are satisfied by its defaults
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
+    apply_yaml_defaults(parser, config)
     try:
         *dataclasses, _config = parser.parse_args_into_dataclasses(args=list(rest))
     except ValueError as err:  # unknown flags, or TrainingArguments' own validation

@@ -116,3 +116,14 @@ class RoutingStatsCallback(TrainerCallback):
         if self.heatmap:
             title = f"expert load over {state.global_step} steps (uniform = {1 / load.shape[1]:.3f})"
             save_heatmap(load, layers, out / HEATMAP_FILE, title)
+
+
+class RouterBiasCallback(TrainerCallback):
+    """Auxiliary-loss-free load balancing (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2) for sigmoid routers:
+    after every optimizer step, each expert's selection bias moves by ``router_bias_update_rate`` towards
+    balanced load. A no-op for other routers."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        moe = base_moe_model(model)
+        if moe is not None:
+            moe.update_router_biases()

@@ -19,7 +19,7 @@ from ..errors import InvalidOptionError
 from ..evaluation import compute_metrics, preprocess_logits_for_metrics
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import parse_train_args
-from .callbacks import RoutingStatsCallback
+from .callbacks import RouterBiasCallback, RoutingStatsCallback
 from .data import load_raw, pack
 from .lora import base_moe_model, prepare_model
 
@@ -73,6 +73,7 @@ def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     # First, so that the printer and reporters see the moe/* keys it adds.
     trainer.callback_handler.callbacks.insert(0, RoutingStatsCallback(heatmap=moe_args.routing_heatmap))
+    trainer.add_callback(RouterBiasCallback())
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
