@@ -13,6 +13,7 @@ from typing import Literal
 from transformers import PreTrainedConfig
 
 ExpertKind = Literal["glu", "mlp"]
+Task = Literal["causal_lm", "encoder"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,14 @@ class ArchitectureAdapter:
         tensors: the expert tensors, without biases.
         bias_tensors: the expert bias tensors, used when :meth:`has_bias` is true.
         mlp_module_name: attribute of a decoder layer holding the MLP.
-        mlp_activation_attr: attribute of the dense MLP holding its activation module.
+        mlp_activation_attr: attribute of the dense MLP (or else of the layer) holding its activation module.
         mlp_dropout_attr: attribute of the dense MLP holding a dropout on its output, if any.
+        task: ``"causal_lm"`` (decoders, ``AutoModelForCausalLM``; layer paths are relative to it) or
+            ``"encoder"`` (``AutoModel`` and its heads; layer paths are relative to the base model).
+        sources_in_layer: expert ``sources`` are relative to the decoder layer instead of the MLP module, for
+            families whose feed-forward is not one module (OPT's ``fc1``/``fc2``, BERT's ``intermediate``/``output``).
+        bypass: modules of a layer (dotted, relative to it) replaced by ``nn.Identity`` because the MoE block,
+            placed at ``mlp_module_name``, already computes them (OPT's activation and ``fc2``, BERT's ``output.dense``).
         has_bias: config -> whether this checkpoint's MLP projections carry biases.
         check: config -> reason the config cannot be converted, or ``None``.
     """
@@ -59,6 +66,9 @@ class ArchitectureAdapter:
     mlp_module_name: str = "mlp"
     mlp_activation_attr: str = "act_fn"
     mlp_dropout_attr: str | None = None
+    task: Task = "causal_lm"
+    sources_in_layer: bool = False
+    bypass: tuple[str, ...] = ()
     has_bias: Callable[[PreTrainedConfig], bool] = field(default=lambda config: False)
     check: Callable[[PreTrainedConfig], str | None] = field(default=lambda config: None)
 
@@ -69,6 +79,12 @@ class ArchitectureAdapter:
     def mlp_prefix(self, layer: int) -> str:
         """Dense-model tensor prefix of layer ``layer``'s MLP, e.g. ``model.layers.3.mlp.``."""
         return f"{self.decoder_layers_path}.{layer}.{self.mlp_module_name}."
+
+    def source_prefix(self, layer: int) -> str:
+        """Prefix of the dense tensors named by ``ExpertTensor.sources`` in layer ``layer``."""
+        if self.sources_in_layer:
+            return f"{self.decoder_layers_path}.{layer}."
+        return self.mlp_prefix(layer)
 
     def explain(self, config: PreTrainedConfig) -> str | None:
         """Why ``config`` cannot be converted by this adapter, or ``None`` when it can."""
@@ -85,4 +101,19 @@ class ArchitectureAdapter:
             "mlp_module_name": self.mlp_module_name,
             "mlp_activation_attr": self.mlp_activation_attr,
             "mlp_dropout_attr": self.mlp_dropout_attr,
+            "mlp_bypass": list(self.bypass),
         }
+
+
+def plain_mlp(up: str, down: str, *, transpose: bool = False) -> dict:
+    """``expert_kind``, ``tensors`` and ``bias_tensors`` of a non-gated MLP ``down(act(up(x)))``.
+
+    ``up`` / ``down`` name the two linear layers relative to the MLP module (or to the layer, with
+    ``sources_in_layer``); ``transpose`` for weights stored [in, out] (GPT-2 ``Conv1D``).
+    """
+    return {
+        "expert_kind": "mlp",
+        "tensors": (ExpertTensor("up_proj", (f"{up}.weight",), transpose),
+                    ExpertTensor("down_proj", (f"{down}.weight",), transpose)),
+        "bias_tensors": (ExpertTensor("up_proj_bias", (f"{up}.bias",)), ExpertTensor("down_proj_bias", (f"{down}.bias",))),
+    }

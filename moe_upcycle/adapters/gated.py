@@ -1,8 +1,9 @@
 """Families whose MLP is ``down_proj(act(gate_proj(x)) * up_proj(x))`` with separate gate and up weights.
 
-Llama (Touvron et al. 2023), Mistral, Qwen2/Qwen3, Gemma 1/2/3, OLMo 2, Granite: the same tensor names
-under ``model.layers.{i}.mlp``; they differ only in what the dense model does around the MLP, which
-stays the dense model's own code.
+Llama (Touvron et al. 2023), Mistral, Qwen2/Qwen3, Gemma 1/2/3, OLMo 2, Granite, StableLM (Stability AI,
+"Stable LM 2 1.6B Technical Report", Bellagente et al. 2024): the same tensor names under ``model.layers.{i}.mlp``;
+they differ only in what the dense model does around the MLP (StableLM's parallel residual, partial rotary,
+per-head q/k norms and the ``hidden_dropout`` it applies to the MLP output), which stays the dense model's own code.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ register_adapter(
 
 register_adapter(
     ArchitectureAdapter(
-        model_types=("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2"),
+        model_types=("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "stablelm"),
         decoder_layers_path="model.layers",
         expert_kind="glu",
         tensors=GATED_TENSORS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ArchitectureAdapter, ExpertTensor
+from .base import ArchitectureAdapter, plain_mlp
 from .registry import register_adapter
 
 
@@ -16,15 +16,7 @@ register_adapter(
     ArchitectureAdapter(
         model_types=("gpt2",),
         decoder_layers_path="transformer.h",
-        expert_kind="mlp",
-        tensors=(
-            ExpertTensor("up_proj", ("c_fc.weight",), transpose=True),
-            ExpertTensor("down_proj", ("c_proj.weight",), transpose=True),
-        ),
-        bias_tensors=(
-            ExpertTensor("up_proj_bias", ("c_fc.bias",)),
-            ExpertTensor("down_proj_bias", ("c_proj.bias",)),
-        ),
+        **plain_mlp("c_fc", "c_proj", transpose=True),
         mlp_activation_attr="act",
         mlp_dropout_attr="dropout",
         has_bias=lambda config: True,

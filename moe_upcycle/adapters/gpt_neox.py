@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from .base import ArchitectureAdapter, ExpertTensor
+from .base import ArchitectureAdapter, plain_mlp
 from .registry import register_adapter
 
 register_adapter(
     ArchitectureAdapter(
         model_types=("gpt_neox",),
         decoder_layers_path="gpt_neox.layers",
-        expert_kind="mlp",
-        tensors=(
-            ExpertTensor("up_proj", ("dense_h_to_4h.weight",)),
-            ExpertTensor("down_proj", ("dense_4h_to_h.weight",)),
-        ),
-        bias_tensors=(
-            ExpertTensor("up_proj_bias", ("dense_h_to_4h.bias",)),
-            ExpertTensor("down_proj_bias", ("dense_4h_to_h.bias",)),
-        ),
+        **plain_mlp("dense_h_to_4h", "dense_4h_to_h"),
         mlp_activation_attr="act",
         has_bias=lambda config: True,
     )

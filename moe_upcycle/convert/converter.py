@@ -24,11 +24,16 @@ from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from .options import UpcycleOptions, resolve_layers
 from .output import atomic_folder, check_output, copy_side_files
 from .plan import PlanBuilder, check_against_model
+from .router_data import rows_from_prompts
 from .safetensors_io import SafetensorsCheckpoint, write_sharded
 from .verify import verify_conversion
 
 logger = logging.getLogger("moe_upcycle")
 
+ENCODER_AUTO_MAP = {
+    f"AutoModel{head}": f"modeling_upcycled_moe.UpcycledMoe{head or 'Model'}"
+    for head in ("", "ForMaskedLM", "ForSequenceClassification")
+}
 EXACT_TOLERANCE = 1e-4  # float32 logits; measured differences are ~1e-7
 
 
@@ -82,6 +87,10 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     layers = resolve_layers(options.layers, dense_config.num_hidden_layers)
     reader = SafetensorsCheckpoint(folder)
     builder = PlanBuilder(reader, adapter, dense_config, layers, options)
+    if options.router_init in ("hidden", "embedding"):
+        builder.router_rows = rows_from_prompts(
+            folder, adapter, dense_config, layers, reader, builder.keys, mode=options.router_init,
+            prompts_file=options.router_prompts, num_copies=options.num_experts // options.routed_slices)
     plan = builder.build()
 
     dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)
@@ -109,13 +118,15 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         raise InvalidOptionError(str(err)) from None
     moe_config.dtype = dtype
     moe_config.text_config.dtype = dtype
-    meta_model = check_against_model(plan, moe_config)
+    meta_model = check_against_model(plan, moe_config, adapter.task)
 
     total_bytes = sum(t.nbytes for t in plan)
     with atomic_folder(output, options.overwrite) as tmp:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", leave=False) as bar:
             shards = write_sharded(tmp, plan, options.max_shard_bytes, bar.update)
         custom_object_save(meta_model, tmp, config=moe_config)
+        if adapter.task == "encoder":  # one checkpoint, three Auto classes
+            moe_config.auto_map = {**(moe_config.auto_map or {}), **ENCODER_AUTO_MAP}
         moe_config.save_pretrained(tmp)
         copy_side_files(folder, tmp)
         write_card(tmp, repo_id=None)
@@ -123,7 +134,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         max_diff = None
         notes = []
         if options.verify:
-            max_diff = verify_conversion(folder, tmp)
+            max_diff = verify_conversion(folder, tmp, adapter.task)
             reasons = options.inexact_reasons()
             if options.torch_dtype is not None and any(
                 reader.info[k].dtype.is_floating_point and reader.info[k].dtype != options.torch_dtype for k in reader.info

@@ -12,14 +12,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from ..adapters import ArchitectureAdapter, ExpertTensor
+from ..adapters.base import Task
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
 from .diversity import diversify, slice_neurons
 from .options import UpcycleOptions
 from .safetensors_io import PlannedTensor, SafetensorsCheckpoint
@@ -35,13 +36,15 @@ class DenseLayout:
     tied_targets: frozenset[str]
     base_prefix: str
     ignore_unexpected: tuple[str, ...]
+    nonpersistent_buffers: frozenset[str]
     renamings: tuple[WeightRenaming, ...]
     converters: tuple[WeightConverter, ...]
 
 
-def dense_layout(config: PreTrainedConfig) -> DenseLayout:
+def dense_layout(config: PreTrainedConfig, task: Task = "causal_lm") -> DenseLayout:
+    """The state-dict layout of the dense ``AutoModelForCausalLM`` (decoders) or ``AutoModel`` (encoders)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (AutoModelForCausalLM if task == "causal_lm" else AutoModel).from_config(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     transforms = get_model_conversion_mapping(model)
     return DenseLayout(
@@ -49,6 +52,9 @@ def dense_layout(config: PreTrainedConfig) -> DenseLayout:
         tied_targets=frozenset(model.all_tied_weights_keys),
         base_prefix=model.base_model_prefix,
         ignore_unexpected=tuple(model._keys_to_ignore_on_load_unexpected or ()),
+        # older checkpoints store buffers that are not persistent any more (BERT's ``position_ids``): from_pretrained
+        # skips them, and so does the converter
+        nonpersistent_buffers=frozenset(name for name, _ in model.named_buffers() if name not in shapes),
         renamings=tuple(t for t in transforms if isinstance(t, WeightRenaming)),
         converters=tuple(t for t in transforms if isinstance(t, WeightConverter)),
     )
@@ -75,7 +81,7 @@ def match_source_keys(source: Iterable[str], layout: DenseLayout) -> dict[str, s
             )
         if name in layout.shapes:
             found[name] = key
-        elif not any(re.search(pattern, key) for pattern in layout.ignore_unexpected):
+        elif name not in layout.nonpersistent_buffers and not any(re.search(pattern, key) for pattern in layout.ignore_unexpected):
             unexpected.append(key)
     if unexpected:
         raise CheckpointError(
@@ -104,9 +110,7 @@ class PlanBuilder:
         """``router_rows``: per MoE layer, one router row per expert copy [E / G_r, H] (data initialisation)."""
         self.reader, self.adapter, self.config = reader, adapter, config
         self.layers, self.options, self.router_rows = layers, options, router_rows
-        if options.router_init in ("hidden", "embedding") and router_rows is None:
-            raise ValueError(f"router_init={options.router_init!r} needs router_rows computed from the prompts")
-        self.layout = dense_layout(config)
+        self.layout = dense_layout(config, adapter.task)
         self.keys = match_source_keys(reader.keys(), self.layout)
         for name, key in self.keys.items():
             _check_shape(key, reader.info[key].shape, self.layout.shapes[name])
@@ -124,7 +128,7 @@ class PlanBuilder:
 
     def _dense(self, layer: int, spec: ExpertTensor) -> tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]:
         """(shape [out, in] or [out], dtype, loader) of the dense tensor that ``spec`` fuses, in [out, in] layout."""
-        prefix = self.adapter.mlp_prefix(layer)
+        prefix = self.adapter.source_prefix(layer)
         keys = [self.keys[prefix + s] for s in spec.sources]
         shapes = [self.reader.info[k].shape for k in keys]
         if spec.transpose:
@@ -241,12 +245,16 @@ class PlanBuilder:
 
     # -- the plan --------------------------------------------------------------------------------
     def mlp_tensors(self, layer: int) -> set[str]:
-        prefix = self.adapter.mlp_prefix(layer)
-        return {n for n in self.layout.shapes if n.startswith(prefix)}
+        """Dense tensors of ``layer`` that the MoE block replaces (its MLP module and the bypassed modules)."""
+        layer_prefix = f"{self.adapter.decoder_layers_path}.{layer}."
+        prefixes = (self.adapter.mlp_prefix(layer), *(f"{layer_prefix}{path}." for path in self.adapter.bypass))
+        return {n for n in self.layout.shapes if n.startswith(prefixes)}
 
     def build(self) -> list[PlannedTensor]:
+        if self.options.router_init in ("hidden", "embedding") and self.router_rows is None:
+            raise ValueError(f"router_init={self.options.router_init!r} needs router_rows computed from the prompts")
         plan: list[PlannedTensor] = []
-        prefixes = {self.adapter.mlp_prefix(i): i for i in self.layers}
+        replaced = {name: layer for layer in self.layers for name in self.mlp_tensors(layer)}
         specs = self.adapter.expert_tensors(self.config)
         intermediate, granularity = self.dense_intermediate_size(), self.options.granularity
         if intermediate % granularity:
@@ -254,7 +262,7 @@ class PlanBuilder:
                                      f"neurons must split into equal slices; use a divisor of {intermediate}")
         done: set[int] = set()
         for layer in self.layers:
-            wanted = {self.adapter.mlp_prefix(layer) + s for spec in specs for s in spec.sources}
+            wanted = {self.adapter.source_prefix(layer) + s for spec in specs for s in spec.sources}
             present = self.mlp_tensors(layer)
             if wanted != present:
                 raise CheckpointError(
@@ -262,7 +270,7 @@ class PlanBuilder:
                     f"{sorted(wanted)}; this checkpoint's MLP layout is not supported"
                 )
         for name in self.layout.shapes:
-            layer = next((i for p, i in prefixes.items() if name.startswith(p)), None)
+            layer = replaced.get(name)
             if layer is not None:
                 if layer not in done:
                     experts = [self._expert(layer, spec) for spec in specs]
@@ -280,10 +288,16 @@ def _seed(seed: int, layer: int, expert: int, what: str) -> int:
     return (seed * 1_000_003 + layer * 10_007 + (expert + 1) * 101 + sum(map(ord, what))) % (2**63)
 
 
-def check_against_model(plan: list[PlannedTensor], moe_config: UpcycledMoeConfig) -> UpcycledMoeForCausalLM:
-    """Raise if the planned names/shapes differ from ``UpcycledMoeForCausalLM(moe_config)``'s; return that meta model."""
+def moe_model_class(task: Task) -> type[UpcycledMoePreTrainedModel]:
+    """The class a converted checkpoint is checked against (its heads load the same checkpoint)."""
+    return UpcycledMoeForCausalLM if task == "causal_lm" else UpcycledMoeModel
+
+
+def check_against_model(plan: list[PlannedTensor], moe_config: UpcycledMoeConfig,
+                        task: Task = "causal_lm") -> UpcycledMoePreTrainedModel:
+    """Raise if the planned names/shapes differ from the MoE model's (built on the meta device); return that model."""
     with torch.device("meta"):
-        model = UpcycledMoeForCausalLM(moe_config)
+        model = moe_model_class(task)(moe_config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     tied = set(model.all_tied_weights_keys)
     planned = {t.name: t.shape for t in plan}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel
 
 
 def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,17 +21,24 @@ def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: i
 
 
 @torch.no_grad()
-def max_logit_difference(dense: torch.nn.Module, moe: torch.nn.Module, vocab_size: int) -> float:
-    """max |logits_moe - logits_dense| over the real (non-padding) tokens of :func:`fixed_batch`."""
+def max_output_difference(dense: torch.nn.Module, moe: torch.nn.Module, vocab_size: int, field: str = "logits") -> float:
+    """max |moe.<field> - dense.<field>| over the real (non-padding) tokens of :func:`fixed_batch`.
+
+    ``field`` is ``logits`` for causal LMs, ``last_hidden_state`` for encoders.
+    """
     input_ids, attention_mask = fixed_batch(vocab_size)
-    dense_logits = dense(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    moe_logits = moe(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    a = getattr(dense(input_ids=input_ids, attention_mask=attention_mask), field).float()
+    b = getattr(moe(input_ids=input_ids, attention_mask=attention_mask), field).float()
     real = attention_mask.bool()
-    return (dense_logits[real] - moe_logits[real]).abs().max().item()
+    return (a[real] - b[real]).abs().max().item()
 
 
-def verify_conversion(dense_dir: str | Path, moe_dir: str | Path) -> float:
-    """Load both models in float32 and return the max logit difference on a fixed batch."""
+def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "causal_lm") -> float:
+    """Load both models in float32 and return the max difference of logits (decoders) or hidden states (encoders)."""
+    if task == "encoder":
+        dense = AutoModel.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
+        moe = UpcycledMoeModel.from_pretrained(moe_dir, dtype=torch.float32).eval()
+        return max_output_difference(dense, moe, dense.config.vocab_size, "last_hidden_state")
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
     moe = UpcycledMoeForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
-    return max_logit_difference(dense, moe, dense.config.vocab_size)
+    return max_output_difference(dense, moe, dense.config.vocab_size)

@@ -40,6 +40,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
         mlp_module_name: attribute name of the feed-forward block inside one decoder layer.
         mlp_activation_attr: attribute of the dense MLP module that holds its activation function.
         mlp_dropout_attr: attribute of the dense MLP module that holds a dropout applied to its output.
+        mlp_bypass: modules of a layer (dotted paths relative to it) that become ``nn.Identity`` because the MoE
+            block computes them too (families whose feed-forward is not one module: OPT, BERT).
         router_aux_loss_coef: weight of the Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4).
         router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
         router_jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on router inputs in training.
@@ -79,6 +81,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
     mlp_module_name: str = "mlp"
     mlp_activation_attr: str = "act_fn"
     mlp_dropout_attr: str | None = None
+    mlp_bypass: list[str] | None = None
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_MASKED_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    MODEL_MAPPING,
+)
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
@@ -161,12 +167,18 @@ class UpcycledMlpExperts(_ExpertsBase):
         super().__init__(config, act_fn, gated=False, bias=True)
 
 
+@use_experts_implementation(has_gate=False)
+class UpcycledMlpNoBiasExperts(_ExpertsBase):
+    """Non-gated experts without biases (Falcon ``bias=False``, StarCoder2 ``use_bias=False``): ``down(act(up(x)))``."""
+
+    def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
+        super().__init__(config, act_fn, gated=False, bias=False)
+
+
 def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
     """The experts class for ``config.expert_kind`` / ``config.expert_bias``."""
     if config.expert_kind == "mlp":
-        if not config.expert_bias:
-            raise ValueError("expert_kind='mlp' requires expert_bias=True (GPT-2 / GPT-NeoX style experts).")
-        return UpcycledMlpExperts
+        return UpcycledMlpExperts if config.expert_bias else UpcycledMlpNoBiasExperts
     return UpcycledGluBiasExperts if config.expert_bias else UpcycledGluExperts
 
 
@@ -232,6 +244,31 @@ def _resolve(module: nn.Module, dotted: str) -> nn.Module:
     return module
 
 
+def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[UpcycledSparseMoeBlock, ...]:
+    """Replace, in place, the feed-forward of each layer in ``config.moe_layers`` of the dense ``model`` by a MoE block.
+
+    The block takes the dense MLP's place (``mlp_module_name``) and its activation (an attribute of the MLP, or
+    of the layer for families without an MLP module); modules listed in ``mlp_bypass`` become ``nn.Identity``
+    because the block already computes them (OPT's activation and ``fc2``, BERT's ``output.dense``).
+    """
+    layers = _resolve(model, config.decoder_layers_path)
+    blocks = []
+    for index in config.moe_layers:
+        layer = layers[index]
+        dense_mlp = getattr(layer, config.mlp_module_name)
+        act_fn = getattr(dense_mlp, config.mlp_activation_attr, None)
+        if act_fn is None:
+            act_fn = getattr(layer, config.mlp_activation_attr)
+        dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
+        block = UpcycledSparseMoeBlock(config, act_fn=act_fn, dropout=dropout)
+        setattr(layer, config.mlp_module_name, block)
+        for path in config.mlp_bypass or ():
+            parent, _, name = path.rpartition(".")
+            setattr(_resolve(layer, parent) if parent else layer, name, nn.Identity())
+        blocks.append(block)
+    return tuple(blocks)
+
+
 class UpcycledMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycledMoeConfig
     base_model_prefix = "model"
@@ -243,29 +280,19 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # The dense subtree is initialised by the dense model's own ``_init_weights``; routers and experts are
     # initialised in their constructors.
+    # ``self._moe_blocks``: a plain tuple (not registered again as submodules) set by ``install_moe_blocks``.
 
-
-class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
-    """A dense causal LM (``self.model``, built from ``config.text_config``) with MoE blocks in ``config.moe_layers``.
-
-    ``forward`` returns the dense model's LM loss plus ``router_aux_loss_coef * load_balancing_loss``
-    and ``router_z_loss_coef * z_loss`` (averaged over MoE layers) when labels are given.
-    """
-
-    def __init__(self, config: UpcycledMoeConfig):
-        super().__init__(config)
-        dense_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
-        self.model = dense_class(config.text_config)
-        layers = _resolve(self.model, config.decoder_layers_path)
-        for index in config.moe_layers:
-            dense_mlp = getattr(layers[index], config.mlp_module_name)
-            dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
-            block = UpcycledSparseMoeBlock(config, act_fn=getattr(dense_mlp, config.mlp_activation_attr), dropout=dropout)
-            setattr(layers[index], config.mlp_module_name, block)
-        # a plain tuple (not registered again as submodules), so forward does not search the module tree
-        self._moe_blocks = tuple(getattr(layers[index], config.mlp_module_name) for index in config.moe_layers)
+    def _install_experts(self) -> None:
+        """Swap the MoE blocks into the dense ``self.model`` and finish initialisation (end of every ``__init__``)."""
+        self._moe_blocks = install_moe_blocks(self.model, self.config)
         self.routing_stats: RoutingStats | None = None
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def track_routing(self, enabled: bool = True) -> RoutingStats | None:
         """Accumulate routing statistics over training forward passes in ``self.routing_stats`` (or stop)."""
@@ -293,21 +320,26 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             router.tokens_per_expert.copy_(load)
             router.update_bias(rate)
 
-    # -- delegation to the dense model ---------------------------------------------------------------
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
+    def _wants_router_losses(self, labels: torch.Tensor | None) -> bool:
+        return labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.model.get_decoder()
+    def _add_router_losses(self, loss: torch.Tensor | None, router_logits: list[torch.Tensor],
+                           attention_mask: torch.Tensor | None, tracking: bool,
+                           weight: float | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(loss + weight * (aux_coef * aux + z_coef * z), aux) from the recorded router logits; also feeds the
+        routing statistics. Both router losses are averaged over MoE layers."""
+        if not router_logits:
+            return loss, None
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if tracking:
+            self.routing_stats.update(router_logits, mask)
+        k = self.config.num_experts_per_tok
+        aux_loss = torch.stack([load_balancing_loss(r, k, mask) for r in router_logits]).mean()
+        if loss is not None and not (isinstance(weight, float) and weight == 0.0):
+            z_loss = torch.stack([router_z_loss(r, mask) for r in router_logits]).mean()
+            extra = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+            loss = loss + extra.to(loss.device, loss.dtype) * weight
+        return loss, aux_loss
 
     def moe_blocks(self) -> list[UpcycledSparseMoeBlock]:
         """The MoE blocks in layer order (one per entry of ``config.moe_layers``)."""
@@ -326,6 +358,30 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             for handle in handles:
                 handle.remove()
 
+
+
+class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
+    """A dense causal LM (``self.model``, built from ``config.text_config``) with MoE blocks in ``config.moe_layers``.
+
+    ``forward`` returns the dense model's LM loss plus ``router_aux_loss_coef * load_balancing_loss``
+    and ``router_z_loss_coef * z_loss`` (averaged over MoE layers) when labels are given.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        self.model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)](config.text_config)
+        self._install_experts()
+
+    # -- delegation to the dense model ---------------------------------------------------------------
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -342,7 +398,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         """Run the dense model with MoE blocks; ``router_logits`` is a tuple of [B*S, E] float32 tensors."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        want_aux = labels is not None and (self.config.router_aux_loss_coef > 0 or self.config.router_z_loss_coef > 0)
+        want_aux = self._wants_router_losses(labels)
         tracking = self.routing_stats is not None and self.training
         with self._record_router_logits(output_router_logits or want_aux or tracking) as router_logits:
             if past_key_values is not None:  # Transformers >= 5.24 names it ``cache`` (passed in kwargs)
@@ -357,17 +413,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-        loss, aux_loss = outputs.loss, None
-        if router_logits:
-            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            k = self.config.num_experts_per_tok
-            if tracking:
-                self.routing_stats.update(router_logits, mask)
-            aux_loss = torch.stack([load_balancing_loss(r, k, mask) for r in router_logits]).mean()
-            if loss is not None and want_aux:
-                z_loss = torch.stack([router_z_loss(r, mask) for r in router_logits]).mean()
-                extra = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
-                loss = loss + extra.to(loss.device, loss.dtype) * self._aux_weight(labels, kwargs)
+        weight = self._aux_weight(labels, kwargs) if want_aux else 0.0
+        loss, aux_loss = self._add_router_losses(outputs.loss, router_logits, attention_mask, tracking, weight)
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -394,7 +441,90 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp_min(1)
 
 
+class UpcycledMoeModel(UpcycledMoePreTrainedModel):
+    """An upcycled encoder (``AutoModel``): the dense base model (``self.model``, e.g. ``BertModel``) with MoE blocks.
+
+    Returns the dense model's outputs unchanged (``last_hidden_state``, ``pooler_output``, ...). Layer paths in
+    the config are relative to the base model.
+    """
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        self.model = MODEL_MAPPING[type(config.text_config)](config.text_config)
+        self._install_experts()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+        tracking = self.routing_stats is not None and self.training
+        with self._record_router_logits(tracking) as router_logits:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        self._add_router_losses(None, router_logits, attention_mask, tracking, 0.0)
+        return outputs
+
+
+class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
+    """An upcycled encoder with the dense family's own task head (``head_mapping``, e.g. ``BertForMaskedLM``).
+
+    The dense head model is built once; its base model is registered here as ``self.model`` (so checkpoints of
+    :class:`UpcycledMoeModel` load into every head) and its other children (``cls``, ``classifier``, ...) under
+    their own names; ``forward`` runs the dense head model's ``forward`` over these same modules and adds the
+    router losses to its loss.
+    """
+
+    head_mapping: ClassVar = None
+    accepts_loss_kwargs = False  # the dense heads average their loss per batch: let the Trainer scale it
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        # task settings given to from_pretrained (num_labels, id2label, problem_type) land on the outer config
+        config.text_config.id2label, config.text_config.label2id = config.id2label, config.label2id
+        config.text_config.problem_type = config.problem_type
+        head = self.head_mapping[type(config.text_config)](config.text_config)
+        base = head.base_model_prefix
+        self.model = getattr(head, base)
+        for name, child in head.named_children():
+            if name != base:
+                self.add_module(name, child)
+        object.__setattr__(self, "_dense_head", head)  # not a submodule: its modules are registered above
+        tied = getattr(head, "_tied_weights_keys", None) or {}
+        self._tied_weights_keys = {_rebase(t, base): _rebase(s, base) for t, s in tied.items()}
+        self._install_experts()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._dense_head.get_output_embeddings()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, **kwargs):
+        tracking = self.routing_stats is not None and self.training
+        want_aux = self._wants_router_losses(labels)
+        with self._record_router_logits(want_aux or tracking) as router_logits:
+            outputs = self._dense_head(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs.loss, _ = self._add_router_losses(outputs.loss, router_logits, attention_mask, tracking,
+                                                  1.0 if want_aux else 0.0)
+        return outputs
+
+
+def _rebase(name: str, base: str) -> str:
+    """``bert.embeddings...`` -> ``model.embeddings...``: the base model lives at ``self.model`` here."""
+    return "model." + name[len(base) + 1:] if name.startswith(base + ".") else name
+
+
+class UpcycledMoeForMaskedLM(_UpcycledMoeEncoderWithHead):
+    """Upcycled encoder with the dense family's masked-LM head (``AutoModelForMaskedLM``)."""
+
+    head_mapping = MODEL_FOR_MASKED_LM_MAPPING
+
+
+class UpcycledMoeForSequenceClassification(_UpcycledMoeEncoderWithHead):
+    """Upcycled encoder with the dense family's sequence-classification head (``AutoModelForSequenceClassification``)."""
+
+    head_mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+
 __all__ = [
+    "UpcycledMoeModel",
+    "UpcycledMoeForMaskedLM",
+    "UpcycledMoeForSequenceClassification",
+    "install_moe_blocks",
     "UpcycledMoeForCausalLM",
     "UpcycledMoePreTrainedModel",
     "UpcycledSparseMoeBlock",
@@ -403,4 +533,5 @@ __all__ = [
     "UpcycledGluExperts",
     "UpcycledGluBiasExperts",
     "UpcycledMlpExperts",
+    "UpcycledMlpNoBiasExperts",
 ]
