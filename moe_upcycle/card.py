@@ -88,11 +88,11 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
 
 
 def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, library: str, relation: str,
-            tags: list[str], license: str | None = None, **values) -> ModelCard:
+            tags: list[str], license: str | None = None, pipeline_tag: str = "text-generation", **values) -> ModelCard:
     """Fill ``template`` with metadata (``base_model`` only when ``base`` is a Hub id) and ``values``."""
     card_data = ModelCardData(
         base_model=base if "/" in base and not Path(base).exists() else None, library_name=library,
-        pipeline_tag="text-generation", license=license, tags=tags, model_name=repo_id or folder.name,
+        pipeline_tag=pipeline_tag, license=license, tags=tags, model_name=repo_id or folder.name,
     )
     card_data.base_model_relation = relation
     return ModelCard.from_template(
@@ -154,8 +154,12 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
         "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
         *_recipe_flags(recipe),
     ])
+    encoder = "AutoModelForCausalLM" not in (config.get("auto_map") or {"AutoModelForCausalLM": None})
     return _render(
         TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS,
+        pipeline_tag="feature-extraction" if encoder else "text-generation",
+        auto_class="AutoModel" if encoder else "AutoModelForCausalLM",
+        model_class="UpcycledMoeModel" if encoder else "UpcycledMoeForCausalLM",
         license=recipe.get("license"),
         revision=recipe.get("revision"),
         source_model_type=text.get("model_type"),

@@ -65,6 +65,36 @@ def test_sentence_embeddings_are_unchanged(moe_dir):
     assert similarity[1, 3] > similarity[0, 3], "the embeddings still mean something: MoE sentences are closer"
     config = json.loads((moe_dir / "config.json").read_text())
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification"}
+    card = (moe_dir / "README.md").read_text()
+    assert "pipeline_tag: feature-extraction" in card and "AutoModel.from_pretrained(" in card
+
+
+REMOTE = r"""
+import sys
+sys.modules["moe_upcycle"] = None  # importing it now raises ImportError
+import torch
+from transformers import AutoModel, AutoTokenizer
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+batch = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)(sys.argv[2:], padding=True, return_tensors="pt")
+with torch.no_grad():
+    print(model(**batch).last_hidden_state.sum().item())
+"""
+
+
+def test_trust_remote_code_loads_the_encoder_without_the_package(moe_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = subprocess.run([sys.executable, "-c", REMOTE, str(moe_dir), *SENTENCES[:2]], env=env, cwd=tmp_path,
+                         check=True, capture_output=True, text=True).stdout
+    tokenizer = AutoTokenizer.from_pretrained(moe_dir)
+    moe = AutoModel.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = moe(**tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")).last_hidden_state.sum().item()
+    assert abs(float(out.strip().splitlines()[-1]) - expected) <= 1e-3
 
 
 def test_heads_load_the_same_checkpoint(moe_dir):
