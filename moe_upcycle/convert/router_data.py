@@ -412,7 +412,12 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     prompts = load_router_prompts(prompts_file)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+        raise InvalidOptionError(f"router_init={mode!r} tokenises the prompts with the source's tokenizer, but {folder} has "
+                                 f"none that loads ({reason}); add the tokenizer files or use router_init=random") from None
     auto = AutoModelForCausalLM if adapter.task == "causal_lm" else AutoModel
     if mode == "embedding":
         with torch.device("meta"):

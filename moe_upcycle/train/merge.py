@@ -25,7 +25,7 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, overwrite: bool
         if getattr(model.config, "model_type", None) == "upcycled_moe":
             from ..card import write_card
 
-            write_card(tmp)
+            write_card(tmp, location=str(output))
         tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
         if tokenizer_source:
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
