@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -33,7 +33,12 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
+from .fast_experts import sorted_experts_forward
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
+
+# Opt-in experts kernel (sort by expert once, contiguous per-expert matmuls, one custom backward):
+# ``model.set_experts_implementation("sorted_mm")``; see scripts/bench_moe_layer.py for its speed.
+ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_experts_forward)
 
 # The KV cache field of model outputs: ``cache`` from Transformers 5.24, ``past_key_values`` before.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
