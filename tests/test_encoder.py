@@ -114,6 +114,7 @@ def test_heads_load_the_same_checkpoint(moe_dir):
     with torch.no_grad():
         out = mlm(**batch, labels=batch["input_ids"])
     assert out.logits.shape == (*batch["input_ids"].shape, mlm.config.text_config.vocab_size) and out.loss.isfinite()
+    assert out.logits.abs().max() < 1e3, "head weights missing from the checkpoint are initialised, not left as garbage"
 
 
 def _classification_set(seed: int = 0) -> Dataset:

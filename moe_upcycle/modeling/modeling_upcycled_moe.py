@@ -497,6 +497,13 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
     def get_output_embeddings(self) -> nn.Module | None:
         return self._dense_head.get_output_embeddings()
 
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Head weights missing from the checkpoint (a fresh classifier, an MLM head's bias) are initialised
+        as the dense family initialises them; routers and experts keep their constructor initialisation."""
+        if not isinstance(module, (UpcycledMoeRouter, _ExpertsBase)):
+            self._dense_head._init_weights(module)
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, **kwargs):
         tracking = self.routing_stats is not None and self.training
