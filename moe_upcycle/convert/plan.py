@@ -110,6 +110,7 @@ class PlanBuilder:
         """``router_rows``: per MoE layer, one router row per expert copy [E / G_r, H] (data initialisation)."""
         self.reader, self.adapter, self.config = reader, adapter, config
         self.layers, self.options, self.router_rows = layers, options, router_rows
+        self._last_loaded: tuple[list[str] | None, torch.Tensor | None] = (None, None)
         self.layout = dense_layout(config, adapter.task)
         self.keys = match_source_keys(reader.keys(), self.layout)
         for name, key in self.keys.items():
@@ -138,10 +139,14 @@ class PlanBuilder:
         dtype = self._dtype(self.reader.info[keys[0]].dtype)
 
         def load() -> torch.Tensor:
-            parts = [self.reader.get(k) for k in keys]
-            if spec.transpose:
-                parts = [p.t() for p in parts]
-            return torch.cat(parts, dim=0).to(dtype).contiguous()
+            # the routed experts and the shared expert planned right after them read the same source tensor:
+            # keep the last one (one dense MLP tensor, already the converter's peak) instead of reading it again
+            if self._last_loaded[0] != keys:
+                parts = [self.reader.get(k) for k in keys]
+                if spec.transpose:
+                    parts = [p.t() for p in parts]
+                self._last_loaded = (keys, torch.cat(parts, dim=0).to(dtype).contiguous())
+            return self._last_loaded[1]
 
         return (sum(s[0] for s in shapes), *shapes[0][1:]), dtype, load
 
@@ -190,34 +195,31 @@ class PlanBuilder:
 
         return PlannedTensor(f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
 
-    def _shared(self, layer: int) -> list[PlannedTensor]:
-        """The shared expert (first S slices of the dense MLP, unscaled, doubled under a sigmoid gate at 0)."""
+    def _shared(self, layer: int, spec: ExpertTensor) -> list[PlannedTensor]:
+        """The shared expert's tensors built from ``spec`` (the first S slices, unscaled, doubled under a sigmoid
+        gate that starts at 1/2); with ``shared_expert_gate`` the gate's zero weight follows the down projection."""
         options = self.options
         width = options.shared_experts * self.expert_intermediate_size()
         factor = 2.0 if options.shared_expert_gate else 1.0  # sigmoid(0) = 1/2
         prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}shared_expert."
-        planned = []
-        for spec in self.adapter.expert_tensors(self.config):
-            (_, *rest), dtype, load = self._dense(layer, spec)
-            suffix = "bias" if spec.is_bias else "weight"
-            stem = spec.name.removesuffix("_bias")
+        (_, *rest), dtype, load = self._dense(layer, spec)
+        suffix = "bias" if spec.is_bias else "weight"
+        stem = spec.name.removesuffix("_bias")
 
-            def part(load=load, name=spec.name, dtype=dtype) -> torch.Tensor:
-                out = slice_neurons(load(), name, 0, width)
-                return (out * factor if name.startswith("down_proj") else out).to(dtype)
+        def part() -> torch.Tensor:
+            out = slice_neurons(load(), spec.name, 0, width)
+            return (out * factor if stem == "down_proj" else out).to(dtype)
 
-            if stem == "gate_up_proj":  # fused [gate; up] -> two Linear layers
-                for half, target in enumerate(("gate_proj", "up_proj")):
-                    planned.append(PlannedTensor(f"{prefix}{target}.{suffix}", dtype, (width, *rest),
-                                                 lambda part=part, half=half: [part().chunk(2, dim=0)[half]]))
-            else:
-                hidden = self.config.hidden_size
-                shape = (width, *rest) if stem == "up_proj" else ((hidden, width) if not spec.is_bias else (hidden,))
-                planned.append(PlannedTensor(f"{prefix}{stem}.{suffix}", dtype, shape, lambda part=part: [part()]))
-        if options.shared_expert_gate:
-            shape = (1, self.config.hidden_size)
-            dtype = planned[0].dtype
-            planned.append(PlannedTensor(f"{prefix[:-1]}_gate.weight", dtype, shape, lambda: [torch.zeros(shape, dtype=dtype)]))
+        if stem == "gate_up_proj":  # fused [gate; up] -> two Linear layers
+            return [PlannedTensor(f"{prefix}{target}.{suffix}", dtype, (width, *rest),
+                                  lambda half=half: [part().chunk(2, dim=0)[half]])
+                    for half, target in enumerate(("gate_proj", "up_proj"))]
+        hidden = self.config.hidden_size
+        shape = (width, *rest) if stem == "up_proj" else ((hidden, width) if not spec.is_bias else (hidden,))
+        planned = [PlannedTensor(f"{prefix}{stem}.{suffix}", dtype, shape, lambda: [part()])]
+        if options.shared_expert_gate and spec.name == "down_proj":
+            gate = (1, hidden)
+            planned.append(PlannedTensor(f"{prefix[:-1]}_gate.weight", dtype, gate, lambda: [torch.zeros(gate, dtype=dtype)]))
         return planned
 
     def _router(self, layer: int, dtype: torch.dtype) -> list[PlannedTensor]:
@@ -275,9 +277,10 @@ class PlanBuilder:
                 if layer not in done:
                     experts = [self._expert(layer, spec) for spec in specs]
                     plan.extend(self._router(layer, experts[0].dtype))
-                    plan.extend(experts)
-                    if self.options.shared_experts:
-                        plan.extend(self._shared(layer))
+                    for spec, routed in zip(specs, experts, strict=True):
+                        plan.append(routed)
+                        if self.options.shared_experts:
+                            plan.extend(self._shared(layer, spec))
                     done.add(layer)
             elif name in self.keys:
                 plan.append(self._copy(name))

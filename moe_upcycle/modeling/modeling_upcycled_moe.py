@@ -330,9 +330,9 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
 
     def _add_router_losses(self, loss: torch.Tensor | None, router_logits: list[torch.Tensor],
                            attention_mask: torch.Tensor | None, tracking: bool,
-                           weight: float | torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(loss + weight * (aux_coef * aux + z_coef * z), aux) from the recorded router logits; also feeds the
-        routing statistics. Both router losses are averaged over MoE layers."""
+                           weight: float | torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(loss + weight * (aux_coef * aux + z_coef * z), aux) from the recorded router logits, the loss unchanged
+        when ``weight`` is None; also feeds the routing statistics. Both router losses are averaged over MoE layers."""
         if not router_logits:
             return loss, None
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -340,7 +340,7 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
             self.routing_stats.update(router_logits, mask)
         k = self.config.num_experts_per_tok
         aux_loss = torch.stack([load_balancing_loss(r, k, mask) for r in router_logits]).mean()
-        if loss is not None and not (isinstance(weight, float) and weight == 0.0):
+        if loss is not None and weight is not None:
             z_loss = torch.stack([router_z_loss(r, mask) for r in router_logits]).mean()
             extra = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
             loss = loss + extra.to(loss.device, loss.dtype) * weight
@@ -362,7 +362,6 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         finally:
             for handle in handles:
                 handle.remove()
-
 
 
 class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
@@ -418,7 +417,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
                 logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-        weight = self._aux_weight(labels, kwargs) if want_aux else 0.0
+        weight = self._aux_weight(labels, kwargs) if want_aux else None
         loss, aux_loss = self._add_router_losses(outputs.loss, router_logits, attention_mask, tracking, weight)
         return MoeCausalLMOutputWithPast(
             loss=loss,
@@ -462,7 +461,7 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         tracking = self.routing_stats is not None and self.training
         with self._record_router_logits(tracking) as router_logits:
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        self._add_router_losses(None, router_logits, attention_mask, tracking, 0.0)
+        self._add_router_losses(None, router_logits, attention_mask, tracking, None)
         return outputs
 
 
@@ -511,7 +510,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
         with self._record_router_logits(want_aux or tracking) as router_logits:
             outputs = self._dense_head(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         outputs.loss, _ = self._add_router_losses(outputs.loss, router_logits, attention_mask, tracking,
-                                                  1.0 if want_aux else 0.0)
+                                                  1.0 if want_aux else None)
         return outputs
 
 
