@@ -117,6 +117,7 @@ def test_sigmoid_router_bias_balances_load(tmp_path):
                         router_bias_update_rate=0.05)
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
     router = moe.moe_blocks()[0].gate
+    assert not router.tokens_per_expert.any(), "load counts start at zero after from_pretrained"
     router.e_score_correction_bias[0] = 0.5  # start unbalanced: expert 0 is chosen for every token
     input_ids, mask = fixed_batch(VOCAB, batch_size=4, seq_len=32, seed=2)
 
@@ -128,15 +129,20 @@ def test_sigmoid_router_bias_balances_load(tmp_path):
 
     before = expert0_share()
     callback = RouterBiasCallback()
-    for _ in range(40):
+    shares = []
+    for step in range(40):
         moe.train()
         with torch.no_grad():
             moe(input_ids=input_ids, attention_mask=mask)
         callback.on_step_end(None, None, None, model=moe)
-    after = expert0_share()
+        if step == 0:  # DeepSeek-V3's rule: b_i += rate * sign(mean load - load_i); expert 0 had every token
+            assert torch.allclose(router.e_score_correction_bias, torch.tensor([0.45, 0.05, 0.05, 0.05]))
+        shares.append(expert0_share())
     bias = router.e_score_correction_bias
-    assert before == 1.0 and after < 0.5, (before, after)
-    assert bias[0] < bias[1:].min(), "the overloaded expert ends with the lowest selection bias"
+    # A fixed-size sign step oscillates around balance (the biases also drift together, which selection ignores),
+    # so judge the load over the last steps and the overloaded expert's bias relative to the others.
+    assert before == 1.0 and sum(shares[-9:]) / 9 < 0.5, (before, shares)
+    assert bias[0] - bias[1:].mean() < 0.25, f"expert 0's head start of 0.5 was not taken back: {bias}"
     assert bias.abs().max() <= 0.5 + 40 * 0.05 + 1e-6
     assert router.tokens_per_expert.sum() == 0, "counts reset after each update"
     moe.save_pretrained(tmp_path / "trained")

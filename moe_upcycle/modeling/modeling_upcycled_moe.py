@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import (
@@ -286,6 +287,20 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     # The dense subtree is initialised by the dense model's own ``_init_weights``; routers and experts are
     # initialised in their constructors.
     # ``self._moe_blocks``: a plain tuple (not registered again as submodules) set by ``install_moe_blocks``.
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Also zero the sigmoid routers' buffers that ``from_pretrained`` did not load.
+
+        Loading materialises non-persistent buffers (``tokens_per_expert``) with ``empty_like`` and leaves their
+        initialisation to ``_init_weights``; the routers sit inside the dense subtree, whose family
+        ``_init_weights`` does not know them. ``init.zeros_`` skips tensors that were loaded.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, UpcycledMoeRouter) and module.router_type == "sigmoid":
+                init.zeros_(module.tokens_per_expert)
+                init.zeros_(module.e_score_correction_bias)
 
     def _install_experts(self) -> None:
         """Swap the MoE blocks into the dense ``self.model`` and finish initialisation (end of every ``__init__``)."""
