@@ -8,9 +8,10 @@ Forward and forward+backward, median of ``--repeats`` after warm-up, interleaved
 Parameter gradients are reset to None before every pass, as ``optimizer.zero_grad()`` does, so autograd hands
 the fresh gradients over; ``--keep-grads`` accumulates them instead (a gradient-accumulation micro-step).
 
-Columns: the ideal, Transformers' Mixtral block (``eager`` loop and ``grouped_mm``), our block with the
-``grouped_mm`` experts kernel, and our block with ``moe_upcycle.modeling.fast_experts.sorted_experts_forward``.
-Before timing, the sorted kernel's output and gradients are checked against the eager loop (float32).
+Columns: the ideal, Transformers' Mixtral block (``eager`` loop and ``grouped_mm``), our block with
+Transformers' ``grouped_mm`` experts kernel, and our block as it runs by default (``upcycled_default``:
+``sorted_mm`` on CPU, ``grouped_mm`` on accelerators). Before timing, the default kernel's output and
+gradients are checked against the eager loop (float32).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import copy
 import statistics
 import time
-import types
 
 import torch
 from torch import nn
@@ -28,8 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_upcycle import UpcycledMoeConfig
-from moe_upcycle.modeling.fast_experts import sorted_experts_forward
-from moe_upcycle.modeling.modeling_upcycled_moe import UpcycledSparseMoeBlock
+from moe_upcycle.modeling.modeling_upcycled_moe import DEFAULT_EXPERTS_IMPLEMENTATION, UpcycledSparseMoeBlock
 
 H, I, E, K = 896, 4864, 8, 2
 
@@ -55,25 +54,25 @@ def build(dtype: torch.dtype) -> dict[str, nn.Module]:
         block.load_state_dict({"gate.weight": ours.gate.weight.data, "experts.gate_up_proj": ours.experts.gate_up_proj.data,
                                "experts.down_proj": ours.experts.down_proj.data})
         blocks[f"mixtral {implementation}"] = block
-    modules = {"ideal (k x dense MLP)": dense, **blocks, "moe-upcycle": ours, "moe-upcycle sorted": with_sorted_experts(ours)}
+    modules = {"ideal (k x dense MLP)": dense, **blocks, "ours grouped_mm": ours,
+               "ours default": with_experts_implementation(ours, DEFAULT_EXPERTS_IMPLEMENTATION)}
     return {name: m.to(dtype) for name, m in modules.items()}
 
 
-def with_sorted_experts(block: UpcycledSparseMoeBlock) -> UpcycledSparseMoeBlock:
-    """A copy of ``block`` (same weights) whose experts run ``sorted_experts_forward``."""
+def with_experts_implementation(block: UpcycledSparseMoeBlock, implementation: str) -> UpcycledSparseMoeBlock:
+    """A copy of ``block`` (same weights, its own config) whose experts run ``implementation``."""
     block = copy.deepcopy(block)
-    block.experts.forward = types.MethodType(sorted_experts_forward, block.experts)
+    block.experts.config._experts_implementation = implementation
     return block
 
 
-def check_sorted(tokens: int) -> None:
-    """Print the max relative difference of the sorted kernel to the eager loop: output, input and weight gradients."""
+def check_default(tokens: int) -> None:
+    """Print the max relative difference of the default kernel to the eager loop: output, input and weight gradients."""
     _, ours = build_ours()
-    fast = with_sorted_experts(ours)
     x = torch.randn(1, tokens, H)
     results = []
-    for block in (ours, fast):
-        block.experts.config._experts_implementation = "eager"  # the sorted copy ignores it
+    for implementation in ("eager", DEFAULT_EXPERTS_IMPLEMENTATION):
+        block = with_experts_implementation(ours, implementation)
         xx = x.clone().requires_grad_(True)
         out = block(xx)
         out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
@@ -82,7 +81,8 @@ def check_sorted(tokens: int) -> None:
     ref, new = results
     diffs = {n: ((new[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item() for n in ref}
     worst = max(diffs.values())
-    print(f"sorted vs eager, float32, {tokens} tokens, max |diff| / max |eager|: "
+    print(f"default ({DEFAULT_EXPERTS_IMPLEMENTATION} on {x.device.type}) vs eager, float32, {tokens} tokens, "
+          "max |diff| / max |eager|: "
           + ", ".join(f"{n} {d:.1e}" for n, d in diffs.items()) + f" -> {'OK' if worst <= 1e-5 else 'MISMATCH'}")
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H} I={I} E={E} top-{K}; "
           f"gradients {'accumulated' if args.keep_grads else 'reset to None'} between passes")
-    check_sorted(min(args.tokens))
+    check_default(min(args.tokens))
     for index, dtype_name in enumerate(args.dtypes):
         dtype = getattr(torch, dtype_name)
         modules = build(dtype)

@@ -74,11 +74,12 @@ def test_router_runs_in_float32_under_bfloat16():
     assert all(r.dtype == torch.float32 for r in out.router_logits)
 
 
-@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
-def test_experts_kernels_agree_with_grouped_mm(implementation):
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm", "sorted_mm"])
+def test_experts_kernels_agree_with_the_default(implementation):
+    """The default kernel (``sorted_mm`` on this CPU) gives every other kernel's logits."""
     torch.manual_seed(0)
     model = UpcycledMoeForCausalLM(_config()).eval()
-    assert model.config._experts_implementation == "grouped_mm"
+    assert model.config._experts_implementation == "upcycled_default"
     assert model.config._attn_implementation == "sdpa"
     ids, mask = _batch()
     reference = model(input_ids=ids, attention_mask=mask).logits
@@ -138,7 +139,7 @@ def test_save_and_reload_keeps_weights_and_ties(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sorted_mm_kernel_matches_eager(family, tmp_path):
-    """The opt-in ``sorted_mm`` experts kernel gives eager's logits and gradients (distinct experts, with biases)."""
+    """The ``sorted_mm`` experts kernel (the CPU default) gives eager's logits and gradients (distinct experts, with biases)."""
     from transformers import AutoModelForCausalLM
 
     import moe_upcycle

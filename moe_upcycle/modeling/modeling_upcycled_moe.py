@@ -9,8 +9,9 @@ Layout (the same as Transformers' native MoE models, e.g. Mixtral):
 - gated experts ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows first, then up) and ``mlp.experts.down_proj`` [E, H, I]
 - plain experts ``mlp.experts.up_proj`` [E, I, H] and ``mlp.experts.down_proj`` [E, H, I], with ``*_bias`` [E, out]
 
-The experts classes are decorated with ``use_experts_implementation`` so Transformers' ``grouped_mm`` /
-``batched_mm`` kernels run them (``grouped_mm`` by default); ``eager`` is the reference loop below.
+The experts classes are decorated with ``use_experts_implementation`` so any registered experts kernel runs
+them: by default ``upcycled_default`` (our ``sorted_mm`` on CPU, Transformers' ``grouped_mm`` on accelerators),
+or ``grouped_mm`` / ``batched_mm`` / ``sorted_mm`` by name; ``eager`` is the reference loop below.
 """
 
 from __future__ import annotations
@@ -37,9 +38,20 @@ from .configuration_upcycled_moe import UpcycledMoeConfig
 from .fast_experts import sorted_experts_forward
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
 
-# Opt-in experts kernel (sort by expert once, contiguous per-expert matmuls, one custom backward):
-# ``model.set_experts_implementation("sorted_mm")``; see scripts/bench_moe_layer.py for its speed.
+
+def default_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The default experts kernel, chosen per call by device: ``sorted_mm`` on CPU, where it measured fastest
+    (scripts/bench_moe_layer.py), Transformers' ``grouped_mm`` on accelerators. [T, H], [T, k], [T, k] -> [T, H]."""
+    kernel = sorted_experts_forward if hidden_states.device.type == "cpu" else ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    return kernel(self, hidden_states, top_k_index, top_k_weights)
+
+
+# Our experts kernels, beside Transformers' ``eager`` / ``grouped_mm`` / ``batched_mm``: ``sorted_mm`` (sort by
+# expert once, contiguous per-expert matmuls, one custom backward; see fast_experts.py) and the default above.
+DEFAULT_EXPERTS_IMPLEMENTATION = "upcycled_default"
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_experts_forward)
+ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_forward)
 
 # The KV cache field of model outputs: ``cache`` from Transformers 5.24, ``past_key_values`` before.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -287,6 +299,10 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     # The dense subtree is initialised by the dense model's own ``_init_weights``; routers and experts are
     # initialised in their constructors.
     # ``self._moe_blocks``: a plain tuple (not registered again as submodules) set by ``install_moe_blocks``.
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """No request means ``upcycled_default`` (``sorted_mm`` on CPU, ``grouped_mm`` elsewhere), not ``grouped_mm``."""
+        return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS_IMPLEMENTATION)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
