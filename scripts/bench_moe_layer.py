@@ -1,6 +1,7 @@
 """MoE block speed against the ideal (k x the dense MLP) and Transformers' own Mixtral block, same weights.
 
-    python scripts/bench_moe_layer.py [--tokens 1024 4096] [--dtypes float32 bfloat16] [--repeats 10] [--keep-grads]
+    python scripts/bench_moe_layer.py [--tokens 1024 4096] [--dtypes float32 bfloat16] [--passes fwd fwd+bwd]
+                                      [--repeats 10] [--warmup 2] [--keep-grads]
 
 Shapes of a 0.5B model: hidden 896, intermediate 4864, 8 experts, top-2. Every figure is a ratio to the
 ideal measured in the same run: a dense MLP applied to k x tokens (the same matmul FLOPs as the experts).
@@ -103,7 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per module before timing")
     parser.add_argument("--keep-grads", action="store_true", help="accumulate parameter gradients across passes")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; H={H} I={I} E={E} top-{K}; "
@@ -117,9 +120,9 @@ def main() -> None:
         for tokens in args.tokens:
             x = torch.randn(1, tokens, H, dtype=dtype)
             inputs = {name: (torch.randn(1, tokens * K, H, dtype=dtype) if name.startswith("ideal") else x) for name in modules}
-            for backward in (False, True):
+            for backward in [p == "fwd+bwd" for p in args.passes]:
                 times: dict[str, list[float]] = {name: [] for name in modules}
-                for _ in range(2):  # warm-up
+                for _ in range(args.warmup):
                     for name, module in modules.items():
                         timed(module, inputs[name], backward, args.keep_grads)
                 for _ in range(args.repeats):
