@@ -87,6 +87,18 @@ def test_experts_kernels_agree_with_the_default(implementation):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "sorted_mm", "eager"])
+def test_from_pretrained_takes_an_experts_implementation(implementation, tmp_path):
+    torch.manual_seed(0)
+    UpcycledMoeForCausalLM(_config()).save_pretrained(tmp_path)
+    default = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).eval()
+    assert model.moe_blocks()[0].experts.config._experts_implementation == implementation
+    ids, mask = _batch()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                               default(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = UpcycledMoeForCausalLM(_config(router_aux_loss_coef=0.1))

@@ -287,6 +287,17 @@ def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[Upc
     return tuple(blocks)
 
 
+def _dense_model(mapping, config: UpcycledMoeConfig) -> PreTrainedModel:
+    """The dense model of ``config.text_config`` from an Auto mapping (its class for that config type).
+
+    ``from_pretrained(..., experts_implementation=...)`` hands the kernel name to sub-configs too; the dense
+    model has no experts, and Transformers refuses an explicit ``grouped_mm`` for a class without them, so
+    its config gets no request (our experts read the outer config).
+    """
+    config.text_config._experts_implementation_internal = None
+    return mapping[type(config.text_config)](config.text_config)
+
+
 class UpcycledMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycledMoeConfig
     base_model_prefix = "model"
@@ -404,7 +415,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        self.model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)](config.text_config)
+        self.model = _dense_model(MODEL_FOR_CAUSAL_LM_MAPPING, config)
         self._install_experts()
 
     # -- delegation to the dense model ---------------------------------------------------------------
@@ -485,7 +496,7 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        self.model = MODEL_MAPPING[type(config.text_config)](config.text_config)
+        self.model = _dense_model(MODEL_MAPPING, config)
         self._install_experts()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -513,7 +524,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
         # task settings given to from_pretrained (num_labels, id2label, problem_type) land on the outer config
         config.text_config.id2label, config.text_config.label2id = config.id2label, config.label2id
         config.text_config.problem_type = config.problem_type
-        head = self.head_mapping[type(config.text_config)](config.text_config)
+        head = _dense_model(self.head_mapping, config)
         base = head.base_model_prefix
         self.model = getattr(head, base)
         for name, child in head.named_children():
