@@ -6,8 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import moe_upcycle
 from moe_upcycle import UpcycledMoeConfig, UpcycledMoeForCausalLM
 from moe_upcycle.modeling.moe_losses import load_balancing_loss, router_z_loss
+
+from .families import build_dense
 
 
 def _config(**overrides) -> UpcycledMoeConfig:
@@ -152,12 +155,6 @@ def test_save_and_reload_keeps_weights_and_ties(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sorted_mm_kernel_matches_eager(family, tmp_path):
     """The ``sorted_mm`` experts kernel (the CPU default) gives eager's logits and gradients (distinct experts, with biases)."""
-    from transformers import AutoModelForCausalLM
-
-    import moe_upcycle
-
-    from .families import build_dense
-
     build_dense(family, tmp_path / "dense")
     moe_upcycle.upcycle(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, expert_noise=0.1)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))

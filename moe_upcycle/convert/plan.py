@@ -139,14 +139,17 @@ class PlanBuilder:
         dtype = self._dtype(self.reader.info[keys[0]].dtype)
 
         def load() -> torch.Tensor:
-            # the routed experts and the shared expert planned right after them read the same source tensor:
-            # keep the last one (one dense MLP tensor, already the converter's peak) instead of reading it again
-            if self._last_loaded[0] != keys:
-                parts = [self.reader.get(k) for k in keys]
-                if spec.transpose:
-                    parts = [p.t() for p in parts]
-                self._last_loaded = (keys, torch.cat(parts, dim=0).to(dtype).contiguous())
-            return self._last_loaded[1]
+            cached_keys, cached = self._last_loaded
+            if cached_keys == keys:
+                return cached
+            self._last_loaded = (None, None)  # never hold two dense tensors at once
+            parts = [self.reader.get(k) for k in keys]
+            if spec.transpose:
+                parts = [p.t() for p in parts]
+            tensor = torch.cat(parts, dim=0).to(dtype).contiguous()
+            if self.options.shared_experts:  # the shared expert, planned right after the routed one, reads it again
+                self._last_loaded = (keys, tensor)
+            return tensor
 
         return (sum(s[0] for s in shapes), *shapes[0][1:]), dtype, load
 
