@@ -23,7 +23,11 @@ class CheckpointError(UpcycleError):
     """The source checkpoint's weight files are missing, corrupt, pickled or inconsistent with its config."""
 
 
-class OutputExistsError(UpcycleError, FileExistsError):
+class OutputError(UpcycleError):
+    """The output cannot be written (disk full, read-only or missing parent, name too long, ...)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """The output folder exists and is not empty, and overwriting was not asked for."""
 
 

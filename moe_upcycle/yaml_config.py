@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import yaml
+from transformers.hf_argparser import string_to_bool
 
 from .errors import InvalidOptionError
 
@@ -19,14 +21,22 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, path: Path | None) -> N
         return
     if not path.is_file():
         raise InvalidOptionError(f"--config {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise InvalidOptionError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidOptionError(f"cannot read --config {path}: {err}") from None
     if not isinstance(values, dict):
         raise InvalidOptionError(f"{path} must hold a mapping of argument names to values")
     values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    valid = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - valid)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise InvalidOptionError(f"{path}: unknown keys {unknown}; keys are the flag names without --")
+    values = {key: _typed(path, key, value, actions[key]) for key, value in values.items()}
     parser.set_defaults(**values)
     for action in parser._actions:  # required arguments given in the file are satisfied by its defaults
         if action.dest in values:
@@ -39,3 +49,41 @@ def config_path(argv: list[str]) -> tuple[Path | None, list[str]]:
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(argv)
     return known.config, rest
+
+
+def _typed(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """``value`` checked as strictly as the flag would be on the command line: a string is not a boolean, a
+    boolean is not a number, a choice must be one of the choices. Numbers written as strings (``1e-4``, which
+    YAML reads as a string) are converted by the flag's own type, as on the command line."""
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.type is string_to_bool:
+        if not isinstance(value, bool):
+            raise InvalidOptionError(f"{path}: {key}: {value!r} is not a boolean; write true or false (unquoted)")
+        return value
+    if action.nargs in ("+", "*"):
+        return [_typed_item(path, key, item, action) for item in (value if isinstance(value, list) else [value])]
+    return _typed_item(path, key, value, action)
+
+
+def _typed_item(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    if isinstance(value, (bool, dict)) or (isinstance(value, list) and action.type in (int, float)):
+        raise InvalidOptionError(f"{path}: {key}: {value!r} is not {_expected(action)}")
+    if action.type in (int, float) or action.choices is not None:
+        converter = action.type or str
+        try:
+            converted = converter(value) if isinstance(value, str) or action.type is float else value
+        except (TypeError, ValueError):
+            raise InvalidOptionError(f"{path}: {key}: {value!r} is not {_expected(action)}") from None
+        if action.type is int and not isinstance(converted, int):
+            raise InvalidOptionError(f"{path}: {key}: {value!r} is not {_expected(action)}")
+        if action.choices is not None and converted not in action.choices:
+            raise InvalidOptionError(f"{path}: {key}: {value!r} is not {_expected(action)}")
+        return converted
+    return value
+
+
+def _expected(action: argparse.Action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(map(str, action.choices))
+    return {int: "an integer", float: "a number"}.get(action.type, "a string")

@@ -82,6 +82,18 @@ with torch.no_grad():
 """
 
 
+def test_sentence_transformers_files_travel_and_embeddings_are_unchanged(moe_dir):
+    """The source's sentence-transformers files (modules, pooling, normalisation) are copied, so SentenceTransformer
+    gives the dense model's normalised embeddings; the copies hold no weights."""
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"):
+        assert (moe_dir / name).read_bytes() == (MINILM / name).read_bytes(), name
+    st = pytest.importorskip("sentence_transformers", reason="pip install sentence-transformers (in the dev extra)")
+    dense = st.SentenceTransformer(str(MINILM), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    moe = st.SentenceTransformer(str(moe_dir), device="cpu").encode(SENTENCES, convert_to_tensor=True)
+    assert torch.allclose(moe.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5)
+    assert (moe - dense).abs().max().item() <= 1e-5
+
+
 def test_trust_remote_code_loads_the_encoder_without_the_package(moe_dir, tmp_path):
     import os
     import subprocess

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -86,8 +87,14 @@ def test_existing_output_needs_overwrite(dense, tmp_path, capsys):
     (out / "keep.txt").write_text("precious")
     _fails(capsys, [dense, out, "--num-experts", "4"], "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    assert main(["convert", str(dense), str(out), "--num-experts", "4", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces only what moe-upcycle wrote: a folder of someone else's files is refused too
+    _fails(capsys, [dense, out, "--num-experts", "4", "--overwrite"], "not written by moe-upcycle", "keep.txt")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert main(["convert", str(dense), str(out), "--num-experts", "4"]) == 0
+    (out / "extra.txt").write_text("ours to replace")
+    assert main(["convert", str(dense), str(out), "--num-experts", "2", "--top-k", "1", "--overwrite"]) == 0
+    assert not (out / "extra.txt").exists() and json.loads((out / "config.json").read_text())["num_experts"] == 2
     _nothing_left(tmp_path, ".out")
 
 
@@ -102,17 +109,19 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):
     _nothing_left(tmp_path)
 
 
-def test_failure_mid_write_keeps_old_output(dense, tmp_path, monkeypatch):
+def test_failure_mid_write_keeps_old_output(dense, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["convert", str(dense), str(out), "--num-experts", "4"]) == 0
     before = (out / "config.json").read_text()
 
     def explode(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(converter, "write_sharded", explode)
-    with pytest.raises(OSError, match="disk full"):
-        main(["convert", str(dense), str(out), "--num-experts", "8", "--overwrite"])
+    capsys.readouterr()
+    assert main(["convert", str(dense), str(out), "--num-experts", "8", "--overwrite"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "Upcycling" not in line and line.strip()]  # no bar
+    assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0], err
     assert (out / "config.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.dynamic_module_utils import custom_object_save
@@ -26,7 +28,7 @@ from .output import atomic_folder, check_output, copy_side_files
 from .plan import PlanBuilder, check_against_model
 from .router_data import rows_from_prompts
 from .safetensors_io import SafetensorsCheckpoint, write_sharded
-from .verify import verify_conversion
+from .verify import Comparison, verify_conversion
 
 logger = logging.getLogger("moe_upcycle")
 
@@ -52,13 +54,41 @@ class UpcycleResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _lossless_cast(source: torch.dtype, target: torch.dtype) -> bool:
+    """Every value of ``source`` is a value of ``target`` (e.g. bfloat16 or float16 into float32)."""
+    return source == target or (target in (torch.float32, torch.float64) and source.itemsize < target.itemsize)
+
+
+def judge(comparison: Comparison, reasons: list[str], dtype: torch.dtype) -> str:
+    """The verification verdict as one line; raises :class:`VerificationError` when the conversion is broken.
+
+    Non-finite outputs always fail: a NaN difference must never read as "within tolerance".
+    """
+    if not comparison.dense_finite:
+        raise VerificationError("the dense source's own outputs are not finite (NaN or inf in its weights?); "
+                                "check the source checkpoint before upcycling it")
+    if not comparison.moe_finite:
+        hint = (f"{str(dtype).removeprefix('torch.')} cannot hold the scaled experts: pass --dtype bfloat16 or float32" if dtype == torch.float16
+                else "please report this with the source model")
+        raise VerificationError(f"the upcycled model's outputs are not finite (NaN or inf) although the dense model's "
+                                f"are; {hint}")
+    if reasons:
+        return f"max |logit diff| {comparison.max_diff:.3g} (not expected to be exact: {'; '.join(reasons)})"
+    if not comparison.max_diff <= EXACT_TOLERANCE:
+        raise VerificationError(
+            f"the upcycled model's outputs differ from the dense model's by {comparison.max_diff:.3g} "
+            f"(> {EXACT_TOLERANCE}) although the recipe is exact; please report this with the source model"
+        )
+    return f"max |logit diff| {comparison.max_diff:.3g}: the MoE model computes what the dense model did"
+
+
 def _load_dense_config(folder: Path):
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; pass the folder of a Transformers checkpoint")
     try:
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {err}") from None
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as err:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {' '.join(str(err).split())}") from None
 
 
 def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | None = None, **kwargs) -> UpcycleResult:
@@ -80,8 +110,10 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
 
     start = time.perf_counter()
     output = Path(output)
-    check_output(output, options.overwrite)
+    inputs = [p for p in (str(source), options.router_prompts) if p is not None and Path(p).exists()]
+    check_output(output, options.overwrite, inputs)
     folder = resolve_source(str(source), options.revision)
+    inputs.append(folder)
     dense_config = _load_dense_config(folder)
     adapter = get_adapter(dense_config)
     layers = resolve_layers(options.layers, dense_config.num_hidden_layers)
@@ -94,8 +126,22 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     plan = builder.build()
 
     dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)
+    notes = []
+    overflow = builder.overflowing_layers()
+    if overflow:
+        notes.append(f"warning: the scaled experts of layer(s) {overflow} exceed the largest {str(dtype).removeprefix('torch.')} value and will be "
+                     "inf/NaN; pass --dtype bfloat16 or float32")
+        logger.warning(notes[-1])
+    reasons = options.inexact_reasons()
+    source_dtypes = sorted({str(info.dtype).removeprefix("torch.") for info in reader.info.values()
+                            if info.dtype.is_floating_point and not _lossless_cast(info.dtype, dtype)})
+    if options.torch_dtype is not None and source_dtypes:
+        reasons.append(f"the weights were cast from {', '.join(source_dtypes)} to {options.dtype}")
+    if overflow:
+        reasons.append(f"the scaled experts of layer(s) {overflow} overflow {options.dtype if options.torch_dtype else dtype}")
     recipe = {"method": "sparse_upcycling", "source": str(source), "revision": options.revision,
-              "license": source_license(folder), "moe_upcycle_version": __version__, **options.recipe()}
+              "license": source_license(folder), "moe_upcycle_version": __version__, **options.recipe(),
+              "inexact_reasons": reasons}
     try:
         moe_config = UpcycledMoeConfig(
             text_config=dense_config,
@@ -121,9 +167,11 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     meta_model = check_against_model(plan, moe_config, adapter.task)
 
     total_bytes = sum(t.nbytes for t in plan)
-    with atomic_folder(output, options.overwrite) as tmp:
+    max_diff = None
+    with atomic_folder(output, options.overwrite, inputs) as tmp:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", leave=False) as bar:
             shards = write_sharded(tmp, plan, options.max_shard_bytes, bar.update)
+        reader.close()
         custom_object_save(meta_model, tmp, config=moe_config)
         if adapter.task == "encoder":  # one checkpoint, three Auto classes
             moe_config.auto_map = {**(moe_config.auto_map or {}), **ENCODER_AUTO_MAP}
@@ -131,24 +179,10 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         copy_side_files(folder, tmp)
         write_card(tmp, location=str(output))
         total, active = parameter_counts(tmp, options.num_experts, options.top_k)
-        max_diff = None
-        notes = []
         if options.verify:
-            max_diff = verify_conversion(folder, tmp, adapter.task)
-            reasons = options.inexact_reasons()
-            if options.torch_dtype is not None and any(
-                reader.info[k].dtype.is_floating_point and reader.info[k].dtype != options.torch_dtype for k in reader.info
-            ):
-                reasons.append(f"dtype={options.dtype} differs from the source")
-            if reasons:
-                notes.append(f"max |logit diff| {max_diff:.3g} (not expected to be exact: {', '.join(reasons)})")
-            elif max_diff > EXACT_TOLERANCE:
-                raise VerificationError(
-                    f"the upcycled model's logits differ from the dense model's by {max_diff:.3g} "
-                    f"(> {EXACT_TOLERANCE}) although the recipe is exact; please report this with the source model"
-                )
-            else:
-                notes.append(f"max |logit diff| {max_diff:.3g}: the MoE model computes what the dense model did")
+            comparison = verify_conversion(folder, tmp, adapter.task)
+            max_diff = comparison.max_diff
+            notes.append(judge(comparison, reasons, dtype))
     return UpcycleResult(
         output=output.resolve(), moe_layers=layers, shards=shards, total_params=total, active_params=active,
         bytes_written=total_bytes, seconds=time.perf_counter() - start, max_logit_diff=max_diff, notes=notes,

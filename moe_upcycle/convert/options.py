@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, fields
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -25,6 +27,46 @@ LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-sep
 
 def _invalid(field: str, value: Any, allowed: str) -> InvalidOptionError:
     return InvalidOptionError(f"{field}={value!r} is invalid: expected {allowed}")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """``isinstance`` for the annotations options use, without Python's ``True == 1``: a bool is not a number and a
+    string is not a bool (``verify="no"`` is an error, not true)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin in (Sequence, list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) for item in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Sequence, list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "None"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_field_types(options: Any) -> None:
+    """Raise :class:`InvalidOptionError` naming the first dataclass field whose value does not match its annotation."""
+    hints = get_type_hints(type(options))
+    for item in fields(options):
+        value = getattr(options, item.name)
+        if not _matches(value, hints[item.name]):
+            raise _invalid(item.name, value, _describe(hints[item.name]))
 
 
 @dataclass
@@ -88,6 +130,7 @@ class UpcycleOptions:
     router_jitter_noise: float = 0.0
 
     def __post_init__(self):
+        check_field_types(self)
         if not isinstance(self.num_experts, int) or self.num_experts < 2:
             raise _invalid("num_experts", self.num_experts, "an integer >= 2")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:

@@ -1,67 +1,274 @@
-"""Atomic output folders: build in a temporary sibling folder, rename into place only on success."""
+"""Atomic output folders: build in a temporary sibling folder, rename into place only on success.
+
+Safety rules (each one a test in tests/test_output_safety.py):
+
+- an output never is, contains or lies inside an input of the command when it has to be replaced;
+- ``overwrite`` replaces only a folder that moe-upcycle wrote (it holds :data:`MARKER`, or is an upcycled model
+  written before markers existed), never an arbitrary folder;
+- the temporary folder (``.OUT.tmp-*``) and the backup of a replaced output (``.OUT.old-*``) hold :data:`MARKER`,
+  locked with ``flock`` while their run is alive; the next run into the same OUTPUT removes those whose lock
+  is free (the run died), and if a run died between moving the old output away and the new one in, it puts
+  the old output back first, so OUTPUT is never left missing;
+- the final swap happens under a lock of the parent folder, so two runs racing into one OUTPUT cannot both
+  replace it, and the loser says so;
+- the finished folder gets the permissions the user's umask gives a new folder (``mkdtemp`` makes 0700);
+- file-system errors (disk full, file too large, read-only or missing parent, name too long) end as one
+  :class:`~moe_upcycle.errors.OutputError` line, and the temporary folder is removed.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import OutputError, OutputExistsError
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json",
-)
+try:  # POSIX; elsewhere stale folders are left for the user
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+logger = logging.getLogger("moe_upcycle")
+
+MARKER = ".moe-upcycle"
+_FIXES = {
+    errno.ENOSPC: "free some space or choose a folder on another disk",
+    errno.EDQUOT: "free some space or choose a folder on another disk",
+    errno.EFBIG: "the file system limits file sizes: pass a smaller --max-shard-size or choose another disk",
+    errno.EROFS: "the file system is read-only: choose another folder",
+    errno.EACCES: "choose a folder you can write to",
+    errno.EPERM: "choose a folder you can write to",
+    errno.ENAMETOOLONG: "choose a shorter output name",
+    errno.ENOTDIR: "a part of the output path is a file: choose another folder",
+    errno.EEXIST: "a part of the output path is a file: choose another folder",
+}
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless ``overwrite``; refuse a file in its place always."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _looks_like_ours(folder: Path) -> bool:
+    """A folder moe-upcycle wrote: it holds the marker, or (written before markers) an upcycled model's config."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "upcycled_moe"
+
+
+def check_output(output: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, an output that would lose data or cannot be a folder.
+
+    ``inputs``: every local file or folder the command reads; an output equal to one, containing one, or (when it
+    exists and would be replaced) inside one is refused whatever ``overwrite`` says.
+    """
+    try:
+        _check_output(Path(output).absolute(), overwrite, inputs)
+    except OutputError:
+        raise
+    except OSError as err:  # e.g. a name too long for the file system
+        raise _output_error(Path(output), err) from None
+
+
+def _check_output(output: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
+    resolved = output.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if _inside(source, resolved):
+            what = "is" if source == resolved else "contains"
+            raise OutputExistsError(f"the output {output} {what} the input {item}: write the result to another folder")
+        if _inside(resolved, source) and resolved.exists():
+            raise OutputExistsError(f"the output {output} exists inside the input {item}; replacing it would change the "
+                                    "input: choose a folder outside it")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot create {output}: {parent} is a file, not a folder; choose another output folder")
+            break
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} exists and is a file; choose another output folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{output} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{output} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+        if not _looks_like_ours(output):
+            found = ", ".join(sorted(p.name for p in output.iterdir())[:5])
+            raise OutputExistsError(f"{output} was not written by moe-upcycle (it holds {found}); --overwrite replaces "
+                                    "only moe-upcycle outputs: remove it yourself or choose another folder")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _lock(path: Path, blocking: bool = True):
+    """An open file descriptor of ``path`` holding an exclusive ``flock``, or None if another process holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _marked_folder(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new folder ``parent/prefix*`` holding :data:`MARKER`, locked for the life of this process's use of it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    marker = folder / MARKER
+    marker.write_text(json.dumps({"written_by": "moe-upcycle", "pid": os.getpid()}) + "\n")
+    return folder, _lock(marker)
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        with suppress(OSError):
+            os.close(fd)
+
+
+def clean_stale(output: Path) -> list[Path]:
+    """Remove our temporary and backup folders of ``output`` left by runs that died; restore a missing OUTPUT.
+
+    A folder is ours when it holds :data:`MARKER`, never by its name alone, and stale when no process holds the
+    marker's lock. Returns the folders removed.
+    """
+    if fcntl is None or not output.parent.is_dir():
+        return []
+    removed = []
+    candidates = sorted(output.parent.glob(f".{output.name}.old-*")) + sorted(output.parent.glob(f".{output.name}.tmp-*"))
+    for folder in candidates:
+        marker = folder / MARKER
+        if not folder.is_dir() or folder.is_symlink() or not marker.is_file():
+            continue
+        fd = _lock(marker, blocking=False)
+        if fd is None:  # a live run owns it
+            continue
+        try:
+            old = folder / "old"
+            if folder.name.startswith(f".{output.name}.old-") and old.is_dir() and not output.exists():
+                os.replace(old, output)  # died between moving the old output away and the new one in
+                logger.warning("restored %s from an interrupted --overwrite", output)
+            shutil.rmtree(folder)
+            removed.append(folder)
+            logger.warning("removed %s, left by an interrupted run", folder)
+        finally:
+            _release(fd)
+    return removed
+
+
+def _output_error(output: Path, err: OSError) -> OutputError:
+    fix = _FIXES.get(err.errno, "check the output folder")
+    where = f" ({err.filename})" if err.filename else ""
+    return OutputError(f"cannot write {output}: {err.strerror or err}{where}; {fix}. Nothing was written")
 
 
 @contextmanager
-def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``output``; on success it replaces ``output``, on failure it is removed."""
-    output = output.resolve()
-    check_output(output, overwrite)
-    created = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+def _parent_lock(parent: Path) -> Iterator[None]:
+    fd = _lock(parent)
     try:
+        yield
+    finally:
+        _release(fd)
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary folder next to ``output``; on success it replaces ``output``, on failure it is removed.
+
+    See the module docstring for the rules; ``inputs`` are the command's local inputs (see :func:`check_output`).
+    """
+    output = Path(output).absolute()
+    check_output(output, overwrite, inputs)
+    created = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
+    tmp, fd, backup_fd = None, None, None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with _parent_lock(output.parent):
+            clean_stale(output)
+        check_output(output, overwrite, inputs)  # a restored output is checked like any other
+        tmp, fd = _marked_folder(output.parent, f".{output.name}.tmp-")
         yield tmp
-        check_output(output, overwrite)  # it may have appeared meanwhile
-        if output.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, backup / "old")
-            os.replace(tmp, output)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for parent in created:  # innermost first
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
+        os.chmod(tmp, 0o777 & ~_umask())
+        with _parent_lock(output.parent):
+            check_output(output, overwrite, inputs)  # it may have appeared meanwhile
+            if output.exists():
+                backup, backup_fd = _marked_folder(output.parent, f".{output.name}.old-")
+                os.replace(output, backup / "old")
+                os.replace(tmp, output)
+                tmp = None
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, output)
+                tmp = None
+    except OSError as err:
+        if err.errno == errno.ENOTEMPTY:
+            raise OutputExistsError(f"{output} was written by another run at the same time; nothing was replaced") from None
+        raise _output_error(output, err) from None
+    finally:
+        _release(fd)
+        _release(backup_fd)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for parent in created:  # innermost first
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:
-    """Copy tokenizer files and ``generation_config.json`` from ``source``; return the names copied."""
+    """Copy the source's non-weight files that describe how to use the model; return the names copied.
+
+    Every top-level file but weights (never pickles), the config, index and card that the caller writes itself,
+    Python code (the output's code is ours), files of a training run (they describe the source's training, not the
+    new model) and hidden files; plus the module folders that sentence-transformers' ``modules.json`` names
+    (``1_Pooling/``, ``2_Normalize/``, ...). Files already in ``target`` are kept.
+    """
     copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md"):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
+    for path in sorted(source.iterdir()):
+        name = path.name
+        if (path.is_file() and not name.startswith(".") and not name.endswith(_NOT_COPIED_SUFFIXES)
+                and name not in _NOT_COPIED and not (target / name).exists()):
+            shutil.copyfile(path, target / name)
             copied.append(name)
-    for path in source.glob("*.tiktoken"):
-        shutil.copyfile(path, target / path.name)
-        copied.append(path.name)
+    for folder in _sentence_transformers_folders(source):
+        for path in sorted((source / folder).rglob("*")):
+            if path.is_file() and not path.name.endswith(_NOT_COPIED_SUFFIXES):
+                (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target / path.relative_to(source))
+                copied.append(str(path.relative_to(source)))
     return copied
+
+
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx", ".gguf",
+                        ".py", ".pyc")
+_NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "trainer_state.json", "training_recipe.json", "eval_results.json", "train_results.json",
+               "all_results.json", "expert_load.json", "expert_load.png", MARKER}
+
+
+def _sentence_transformers_folders(source: Path) -> list[str]:
+    """Sub-folders named by ``modules.json`` (relative, inside ``source``)."""
+    try:
+        modules = json.loads((source / "modules.json").read_text())
+    except (OSError, ValueError):
+        return []
+    folders = []
+    for module in modules if isinstance(modules, list) else []:
+        path = module.get("path") if isinstance(module, dict) else None
+        if isinstance(path, str) and path and (source / path).is_dir() and _inside((source / path).resolve(), source.resolve()):
+            folders.append(path)
+    return folders

@@ -159,6 +159,21 @@ class PlanBuilder:
     def expert_intermediate_size(self) -> int:
         return self.dense_intermediate_size() // self.options.granularity
 
+    def overflowing_layers(self) -> list[int]:
+        """MoE layers whose scaled expert output projection exceeds the largest value of its dtype (e.g. float16
+        with ``softmax_topk`` or slices: the scale is E x G_r / k or G_r). Reads each layer's down projection once."""
+        options = self.options
+        scale = max(options.expert_scale, 2.0 if options.shared_expert_gate else 1.0)
+        spec = self._spec("down_proj")
+        if scale <= 1:
+            return []
+        layers = []
+        for layer in self.layers:
+            _, dtype, load = self._dense(layer, spec)
+            if dtype.is_floating_point and load().abs().max().float() * scale > torch.finfo(dtype).max:
+                layers.append(layer)
+        return layers
+
     def _spec(self, name: str) -> ExpertTensor:
         return next(t for t in self.adapter.expert_tensors(self.config) if t.name == name)
 

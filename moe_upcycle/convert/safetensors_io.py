@@ -47,21 +47,32 @@ class TensorInfo:
 def read_header(path: Path) -> dict:
     """Parse and check a safetensors header; raise :class:`CheckpointError` naming the file if it is corrupt."""
     fix = "the file is damaged or incomplete: download or copy it again"
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > min(size - 8, _MAX_HEADER):
                 raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         data_size = size - 8 - length
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+                    and type(begin) is int and type(end) is int):
+                raise ValueError(f"tensor {name!r} has shape {shape!r} / offsets {begin!r}..{end!r}")
             if entry["dtype"] not in SAFE_TO_DTYPE or not 0 <= begin <= end <= data_size:
                 raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r} / offsets {begin}..{end} "
                                  f"outside the {data_size}-byte data section")
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a safetensors file; pass a checkpoint folder whose weights are "
+                              "*.safetensors files") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     except (ValueError, KeyError, TypeError, struct.error) as err:
         raise CheckpointError(f"{path} is not a valid safetensors file ({err}); {fix}") from None
     header["__header_length__"] = length
@@ -97,7 +108,9 @@ class SafetensorsCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError(f"its weight_map is a {type(weight_map).__name__}, not a mapping of names to files")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
                 raise CheckpointError(f"{index} is not a valid index ({err}); download or copy it again") from None
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (self.folder / s).is_file()]
@@ -107,9 +120,9 @@ class SafetensorsCheckpoint:
                     "download the complete checkpoint again"
                 )
             return shards
-        if (self.folder / SAFE_SINGLE).is_file():
+        if (self.folder / SAFE_SINGLE).exists():
             return [SAFE_SINGLE]
-        found = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        found = sorted(p.name for p in self.folder.glob("*.safetensors") if p.is_file())
         if found:
             return found
         pickled = sorted({p.name for pattern in PICKLE_PATTERNS for p in self.folder.glob(pattern)})

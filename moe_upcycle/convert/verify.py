@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,25 +22,40 @@ def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: i
     return input_ids, attention_mask
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """How far the upcycled model's outputs are from the dense model's on :func:`fixed_batch`."""
+
+    max_diff: float  # max |moe - dense| over real tokens; nan when either side is not finite
+    dense_finite: bool
+    moe_finite: bool
+
+
 @torch.no_grad()
-def max_output_difference(dense: torch.nn.Module, moe: torch.nn.Module, vocab_size: int, field: str = "logits") -> float:
-    """max |moe.<field> - dense.<field>| over the real (non-padding) tokens of :func:`fixed_batch`.
+def _outputs(model: torch.nn.Module, field: str) -> torch.Tensor:
+    """``field`` of ``model`` on :func:`fixed_batch`, float32, real (non-padding) tokens only: [N, V or H]."""
+    input_ids, attention_mask = fixed_batch(model.config.get_text_config().vocab_size)
+    out = getattr(model.eval()(input_ids=input_ids, attention_mask=attention_mask), field).float()
+    return out[attention_mask.bool()]
 
-    ``field`` is ``logits`` for causal LMs, ``last_hidden_state`` for encoders.
+
+def compare(dense: torch.Tensor, moe: torch.Tensor) -> Comparison:
+    """Max difference of two output tensors; NaN or inf on either side is never a small difference."""
+    dense_finite, moe_finite = bool(torch.isfinite(dense).all()), bool(torch.isfinite(moe).all())
+    diff = (dense - moe).abs().max().item() if dense_finite and moe_finite else float("nan")
+    return Comparison(diff, dense_finite, moe_finite)
+
+
+def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "causal_lm") -> Comparison:
+    """Compare the logits (decoders) or hidden states (encoders) of both models in float32.
+
+    The models are loaded one after the other, so the peak is the larger of the two, not their sum.
     """
-    input_ids, attention_mask = fixed_batch(vocab_size)
-    a = getattr(dense(input_ids=input_ids, attention_mask=attention_mask), field).float()
-    b = getattr(moe(input_ids=input_ids, attention_mask=attention_mask), field).float()
-    real = attention_mask.bool()
-    return (a[real] - b[real]).abs().max().item()
-
-
-def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "causal_lm") -> float:
-    """Load both models in float32 and return the max difference of logits (decoders) or hidden states (encoders)."""
-    if task == "encoder":
-        dense = AutoModel.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
-        moe = UpcycledMoeModel.from_pretrained(moe_dir, dtype=torch.float32).eval()
-        return max_output_difference(dense, moe, dense.config.vocab_size, "last_hidden_state")
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
-    moe = UpcycledMoeForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
-    return max_output_difference(dense, moe, dense.config.vocab_size)
+    field = "last_hidden_state" if task == "encoder" else "logits"
+    dense_class, moe_class = (AutoModel, UpcycledMoeModel) if task == "encoder" else (AutoModelForCausalLM, UpcycledMoeForCausalLM)
+    dense = dense_class.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True)
+    expected = _outputs(dense, field)
+    del dense
+    gc.collect()
+    moe = moe_class.from_pretrained(moe_dir, dtype=torch.float32)
+    return compare(expected, _outputs(moe, field))
