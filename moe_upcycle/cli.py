@@ -120,18 +120,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    import json
-
     from .train.evaluate_file import evaluate_file
 
     result = evaluate_file(args.model, args.validation_file, text_column=args.text_column, block_size=args.block_size,
                            batch_size=args.batch_size, max_eval_samples=args.max_eval_samples,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code, output_json=args.output_json)
     print(f"{args.model}: eval_loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"({result['tokens']:,} tokens)")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 
@@ -157,8 +152,6 @@ def _run_push(args: argparse.Namespace) -> int:
         print(f"would upload {len(result.files)} file(s) to {args.repo_id}:")
         for name in result.files:
             print(f"  {name}")
-        from pathlib import Path
-
         card_path = Path(args.folder) / CARD_FILE
         print("\n" + (card_path.read_text() if card_path.is_file() else str(render_card(args.folder, args.repo_id))))
         return 0
@@ -167,8 +160,9 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-upcycle", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="moe-upcycle")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands (`moe-upcycle COMMAND --help` for each one's flags)")
     _add_convert(sub)
     sub.add_parser("train", help="fine-tune with the Trainer (flags: `moe-upcycle train --help`)", add_help=False)
     _add_merge(sub)
@@ -178,7 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_subcommand(sub)
     _add_demo(sub)
+    for subparser in sub.choices.values():
+        _accept_both_spellings(subparser)
+    parser.description = ("Upcycle dense Transformers models into sparse Mixture-of-Experts models, then fine-tune, "
+                          f"evaluate, export and publish them. Commands: {', '.join(sub.choices)}.")
     return parser
+
+
+def _accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Give every ``--long_flag`` its other spelling (``--long-flag``), as ``HfArgumentParser`` does for ``train``."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if not option.startswith("--"):
+                continue
+            body = option[2:]
+            other = "--" + (body.replace("-", "_") if "-" in body else body.replace("_", "-"))
+            if other != option and other not in parser._option_string_actions:
+                action.option_strings.append(other)
+                parser._option_string_actions[other] = action
 
 
 def _run_train(argv: Sequence[str]) -> int:
@@ -205,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except UpcycleError as err:
-        print(f"moe-upcycle: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"moe-upcycle: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moe-upcycle: interrupted; nothing was written", file=sys.stderr)

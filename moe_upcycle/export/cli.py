@@ -8,7 +8,7 @@ from .targets import TARGET_CHOICES
 
 
 def add_export_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``export`` on ``subparsers`` (of ``moe-upcycle``); its ``func`` prints one line and returns 0."""
+    """Register ``export`` on ``subparsers`` (of ``moe-upcycle``); its ``func`` prints a summary and notes, returns 0."""
     p = subparsers.add_parser(
         "export", help="export an upcycled checkpoint to its native Transformers MoE class (Mixtral, Qwen2-MoE, ...)",
         description="Export an upcycled checkpoint to the native Transformers MoE class that computes the same function "
@@ -25,11 +25,14 @@ def add_export_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Run ``export_native`` with the parsed flags and print its one-line summary."""
+    """Run ``export_native`` with the parsed flags and print its one-line summary, then its notes (what the native
+    class does differently, e.g. router losses it does not carry over)."""
     from .exporter import export_native
 
     result = export_native(args.folder, args.output, to=args.to, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(result.summary())
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -6,14 +6,17 @@ flags on the command line override.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import strtobool
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, OutputExistsError
 from ..yaml_config import apply_yaml_defaults, config_path
 
 LORA_GROUPS = ("attention", "experts", "dense_mlp", "router")
@@ -40,6 +43,14 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "keep at most this many training blocks"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "keep at most this many validation blocks"})
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise InvalidOptionError(f"block_size={self.block_size} is invalid: expected an integer >= 2")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidOptionError(f"{name}={value} is invalid: expected an integer >= 1 (or leave it unset for all)")
 
     @property
     def paragraphs(self) -> bool:
@@ -69,6 +80,17 @@ class MoeArguments:
             raise InvalidOptionError("use_lora and router_only exclude each other: choose one way to train")
         if self.lora_r < 1:
             raise InvalidOptionError(f"lora_r={self.lora_r} is invalid: expected an integer >= 1")
+        if self.use_lora and not self.lora_targets:
+            raise InvalidOptionError(
+                f"lora_target={self.lora_target!r} names nothing to adapt: give comma-separated groups "
+                f"({', '.join(LORA_GROUPS)}) and/or module names"
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise InvalidOptionError(
+                    f"{name}={value} is invalid: expected a finite number >= 0 (leave it unset to keep the model's own)"
+                )
 
     @property
     def lora_targets(self) -> list[str]:
@@ -101,4 +123,52 @@ def parse_train_args(argv: Sequence[str] | None = None):
         *dataclasses, _config = parser.parse_args_into_dataclasses(args=list(rest))
     except ValueError as err:  # unknown flags, or TrainingArguments' own validation
         raise InvalidOptionError(str(err)) from None
+    training_args = dataclasses[-1]
+    check_steps(training_args)
+    check_output_dir(training_args.output_dir)
+    training_args.resume_from_checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     return tuple(dataclasses)
+
+
+def check_steps(args: TrainingArguments) -> None:
+    """Refuse a run that would take no optimizer step (its output would be the model it started from)."""
+    if args.max_steps == 0 or (args.max_steps < 0 and not args.num_train_epochs > 0):
+        raise InvalidOptionError(
+            f"max_steps={args.max_steps} with num_train_epochs={args.num_train_epochs} trains 0 steps, and the output "
+            "would be the unchanged model: pass --max_steps N (N >= 1) or --num_train_epochs > 0"
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an ``--output_dir`` that cannot become a folder, before anything is loaded."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"--output_dir {output_dir} is a file; choose a folder")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"--output_dir {output_dir} cannot be created: {existing} is a file; choose another folder")
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the last ``checkpoint-N`` in ``output_dir``."""
+    if value is None:
+        return None
+    try:
+        wanted = bool(strtobool(value))
+    except ValueError:  # a path
+        if not (Path(value) / "trainer_state.json").is_file():
+            found = "does not exist" if not Path(value).exists() else "is not a checkpoint (no trainer_state.json)"
+            raise InvalidOptionError(
+                f"--resume_from_checkpoint {value} {found}; pass a checkpoint-N folder of an earlier run, or `true` "
+                "for the last one in --output_dir"
+            ) from None
+        return value
+    if not wanted:
+        return None
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise InvalidOptionError(
+            f"--resume_from_checkpoint true found no checkpoint-N folder in --output_dir {output_dir}; point "
+            "--output_dir at the interrupted run (checkpoints are saved with --save_strategy steps) or start afresh"
+        )
+    return last

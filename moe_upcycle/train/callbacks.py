@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .lora import base_moe_model
 
@@ -33,6 +34,32 @@ def routing_log_entries(stats: dict[str, torch.Tensor], per_expert: bool = True)
             for expert in range(load.shape[1]):
                 out[f"moe/layer{layer}/expert{expert}"] = load[layer, expert].item()
     return out
+
+
+def console_view(logs: dict) -> dict:
+    """``logs`` without the per-layer ``moe/layerN/...`` keys: the model-wide ``moe/*`` summary stays."""
+    return {key: value for key, value in logs.items() if not key.startswith("moe/layer")}
+
+
+class CompactPrinterCallback(PrinterCallback):
+    """Transformers' ``PrinterCallback`` printing :func:`console_view` of the logs (reporters still get every key)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=None if logs is None else console_view(logs), **kwargs)
+
+
+class CompactProgressCallback(ProgressCallback):
+    """Transformers' ``ProgressCallback`` writing :func:`console_view` of the logs under the progress bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=None if logs is None else console_view(logs), **kwargs)
+
+
+def compact_console_logs(trainer: Trainer) -> None:
+    """Swap the Trainer's console printer for its compact twin; ``trainer_state.json`` and reporters keep every key."""
+    for printer, compact in ((PrinterCallback, CompactPrinterCallback), (ProgressCallback, CompactProgressCallback)):
+        if trainer.pop_callback(printer) is not None:
+            trainer.add_callback(compact)
 
 
 def save_heatmap(load: torch.Tensor, moe_layers: list[int], path: Path, title: str) -> None:

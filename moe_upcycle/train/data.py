@@ -3,10 +3,13 @@ with the model's tokenizer and packed into ``block_size`` blocks (as in Transfor
 
 from __future__ import annotations
 
+import json
+import logging
 from itertools import chain
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from ..errors import InvalidOptionError
 from .args import DataArguments
@@ -21,17 +24,69 @@ def _builder_for(path: str) -> str:
     return _BUILDERS[suffix]
 
 
+def _flag(split: str) -> str:
+    return f"--{split if split == 'validation' else 'train'}_file"
+
+
 def load_files(files: dict[str, str]) -> DatasetDict:
     """Load local data files by split name; plain text is read one paragraph (blank-line separated) per example."""
     for split, path in files.items():
         if not Path(path).is_file():
-            raise InvalidOptionError(f"--{split if split == 'validation' else 'train'}_file {path} does not exist")
+            found = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+            raise InvalidOptionError(f"{_flag(split)} {path} {found}")
+        if Path(path).stat().st_size == 0:
+            raise InvalidOptionError(f"{_flag(split)} {path} is empty; give a file with text in it")
     builders = {_builder_for(p) for p in files.values()}
     if len(builders) > 1:
         raise InvalidOptionError(f"training and validation files must have the same type, got {sorted(builders)}")
     builder = builders.pop()
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files=files, **kwargs)
+    # The JSON builder logs its parse error before raising; the error raised here says it better, with the line.
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return load_dataset(builder, data_files=files, **kwargs)
+    except DatasetGenerationError as err:
+        raise InvalidOptionError(_unreadable(files, builder, err)) from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _first_bad_json_line(path: str) -> tuple[int, str] | None:
+    """(line number, reason) of the first line of a JSON lines file that is not a JSON object, if any."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return number, err.msg
+            if not isinstance(record, dict):
+                return number, f"a JSON {type(record).__name__}, not an object"
+    return None
+
+
+def _is_json_document(path: str) -> bool:
+    """Whether ``path`` holds one JSON document (a ``.json`` file need not be JSON lines)."""
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _unreadable(files: dict[str, str], builder: str, err: DatasetGenerationError) -> str:
+    """Why ``datasets`` could not read ``files``: the bad line of a JSON lines file, else the underlying error."""
+    for split, path in files.items() if builder == "json" else ():
+        bad = _first_bad_json_line(path)
+        if bad is not None and not _is_json_document(path):
+            return (f"{_flag(split)} {path}: line {bad[0]} is not a JSON object ({bad[1]}); every line of a JSON lines "
+                    "file must be one object such as {\"text\": \"...\"}: fix or remove that line")
+    cause = err.__cause__ or err
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{', '.join(files.values())} could not be read as {builder} data ({type(cause).__name__}: {reason})"
 
 
 def load_raw(data: DataArguments) -> DatasetDict | dict:
@@ -60,7 +115,13 @@ def load_raw(data: DataArguments) -> DatasetDict | dict:
             raise InvalidOptionError(
                 f"validation_split_percentage={data.validation_split_percentage} is invalid: expected 1..99"
             )
-        split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0, shuffle=False)
+        try:
+            split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0, shuffle=False)
+        except ValueError:  # too few examples to hold some out
+            raise InvalidOptionError(
+                f"the training data holds {len(raw['train'])} example(s), too few to hold out "
+                f"{data.validation_split_percentage}% for validation: give more text or pass --validation_file"
+            ) from None
         raw = DatasetDict(train=split["train"], validation=split["test"])
     check_text_column(raw["train"], data.text_column)
     return raw
@@ -76,8 +137,6 @@ def check_text_column(dataset, column: str) -> None:
 def pack(raw, tokenizer, data: DataArguments):
     """Tokenise the text column and concatenate it into blocks of ``block_size`` tokens with ``labels``."""
     block = data.block_size
-    if block < 2:
-        raise InvalidOptionError(f"block_size={block} is invalid: expected an integer >= 2")
 
     def tokenize(batch):
         # Paragraphs of a text file are joined by a blank line; records of JSON/parquet data are
@@ -103,8 +162,10 @@ def pack(raw, tokenizer, data: DataArguments):
         if limit is not None and split in packed:
             ds = packed[split]
             packed[split] = ds.take(limit) if isinstance(ds, IterableDataset) else ds.select(range(min(limit, len(ds))))
-    if isinstance(packed.get("validation"), Dataset) and len(packed["validation"]) == 0:
-        raise InvalidOptionError(
-            f"the validation split holds fewer than block_size={block} tokens; give more text or a smaller block_size"
-        )
+    for split, dataset in packed.items():
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            raise InvalidOptionError(
+                f"the {'training' if split == 'train' else split} split holds fewer than block_size={block} tokens; give "
+                "more text or a smaller block_size"
+            )
     return packed

@@ -163,10 +163,11 @@ def base_moe_model(model: nn.Module) -> UpcycledMoeForCausalLM | None:
     return model if isinstance(model, UpcycledMoeForCausalLM) else None
 
 
-def merge_adapter(adapter_dir: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load the base model named in ``adapter_dir`` with the adapter and merge it into the weights."""
-    from peft import AutoPeftModelForCausalLM
+def merge_adapter(adapter_dir: str, base: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load the base model ``base`` (a folder or Hub id) with the adapter in ``adapter_dir`` and merge it into the weights."""
+    from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     with resolved_targets_kept():
-        model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
+        model = PeftModel.from_pretrained(model, adapter_dir)
     return model.merge_and_unload()

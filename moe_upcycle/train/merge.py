@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ..convert.output import atomic_folder
-from ..errors import InvalidOptionError
+from ..convert.output import atomic_folder, check_output
 from .lora import merge_adapter
+from .sources import ADAPTER_CONFIG, adapter_base, explained_loading, read_adapter_config
 
 
 def merge_to_folder(adapter_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """Merge the adapter in ``adapter_dir`` into its base model and write the result to ``output``."""
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise InvalidOptionError(f"{adapter_dir} has no adapter_config.json; pass the output folder of a LoRA run")
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    model = merge_adapter(str(adapter_dir))
-    with atomic_folder(Path(output), overwrite) as tmp:
+    """Merge the adapter in ``adapter_dir`` into its base model and write the result to ``output``.
+
+    The base model is ``base_model_name_or_path`` of ``adapter_config.json``; a relative path that does not exist
+    from the current directory is looked up beside the adapter folder.
+    """
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    base = adapter_base(adapter_dir, read_adapter_config(adapter_dir))
+    inputs = [adapter_dir, *([base] if Path(base).is_dir() else [])]
+    check_output(output, overwrite, inputs)  # before the (long) merge; atomic_folder checks again
+    fix = (f"it is neither a folder (here or beside the adapter) nor a Hub repo that loads: set base_model_name_or_path "
+           f"in {adapter_dir / ADAPTER_CONFIG} to the base model's folder or Hub id")
+    with explained_loading(base, "the adapter's base model", fix):
+        model = merge_adapter(str(adapter_dir), base)
+    with atomic_folder(output, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
         if getattr(model.config, "model_type", None) == "upcycled_moe":
             from ..card import write_card
 
             write_card(tmp, location=str(output))
         tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-        if tokenizer_source:
-            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
-    return Path(output).resolve()
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+    return output.resolve()

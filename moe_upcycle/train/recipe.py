@@ -19,18 +19,18 @@ from ..errors import InvalidOptionError
 from ..evaluation import compute_metrics, preprocess_logits_for_metrics
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import parse_train_args
-from .callbacks import RouterBiasCallback, RoutingStatsCallback
+from .callbacks import RouterBiasCallback, RoutingStatsCallback, compact_console_logs
 from .data import load_raw, pack
 from .lora import base_moe_model, prepare_model
+from .outputs import refuse_inputs, run_folder
+from .sources import explained_loading, resolve_model
 
 
-def _load_model(model_args, moe_args):
-    path = model_args.model_name_or_path
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise InvalidOptionError(f"--model_name_or_path {path} has no config.json; pass a model folder or Hub id")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-    )
+def _load_model(path: str, model_args, moe_args):
+    with explained_loading(path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+        )
     is_moe = isinstance(model, UpcycledMoeForCausalLM) or hasattr(model.config, "num_experts_per_tok")
     moe_only = [name for name, value in (
         ("--router_only", moe_args.router_only),
@@ -45,22 +45,18 @@ def _load_model(model_args, moe_args):
     for name in ("router_aux_loss_coef", "router_z_loss_coef"):
         value = getattr(moe_args, name)
         if value is not None:
-            if value < 0:
-                raise InvalidOptionError(f"{name}={value} is invalid: expected a number >= 0")
             setattr(model.config, name, value)
     return model
 
 
-def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse arguments, train, evaluate; return the evaluation metrics (also in ``eval_results.json``)."""
-    model_args, data_args, moe_args, training_args = parse_train_args(argv)
-    set_seed(training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+def _train(path: str, model_args, data_args, moe_args, training_args) -> tuple[dict[str, float], Trainer]:
+    with explained_loading(path, "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with training_args.main_process_first(desc="dataset preparation"):
         blocks = pack(load_raw(data_args), tokenizer, data_args)
-    model = prepare_model(_load_model(model_args, moe_args), moe_args)
+    model = prepare_model(_load_model(path, model_args, moe_args), moe_args)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -74,6 +70,7 @@ def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
     # First, so that the printer and reporters see the moe/* keys it adds.
     trainer.callback_handler.callbacks.insert(0, RoutingStatsCallback(heatmap=moe_args.routing_heatmap))
     trainer.add_callback(RouterBiasCallback())
+    compact_console_logs(trainer)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
@@ -87,12 +84,25 @@ def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
     metrics["perplexity"] = metrics.pop("eval_perplexity")
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero():
-        output = Path(training_args.output_dir)
-        command = shlex.join(["moe-upcycle", "train", *(sys.argv[1:] if argv is None else argv)])
-        (output / "training_recipe.json").write_text(json.dumps({
-            "command": command, "model": vars(model_args), "data": vars(data_args), "moe": vars(moe_args),
-        }, indent=2, default=str) + "\n")
-        if (output / "adapter_config.json").is_file() or isinstance(base_moe_model(trainer.model), UpcycledMoeForCausalLM):
-            write_card(output)
+    return metrics, trainer
+
+
+def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse arguments, train, evaluate; return the evaluation metrics (also in ``eval_results.json``)."""
+    model_args, data_args, moe_args, training_args = parse_train_args(argv)
+    # An absolute path for a local model: PEFT records it as the adapter's base model, which `merge` then
+    # finds from any directory.
+    path = resolve_model(model_args.model_name_or_path, "--model_name_or_path")
+    inputs = [p for p in (path, data_args.train_file, data_args.validation_file, data_args.dataset_name) if p and Path(p).exists()]
+    refuse_inputs(Path(training_args.output_dir), inputs, "--output_dir")
+    set_seed(training_args.seed)
+    with run_folder(Path(training_args.output_dir)) as output:
+        metrics, trainer = _train(path, model_args, data_args, moe_args, training_args)
+        if trainer.is_world_process_zero():
+            command = shlex.join(["moe-upcycle", "train", *(sys.argv[1:] if argv is None else argv)])
+            (output / "training_recipe.json").write_text(json.dumps({
+                "command": command, "model": vars(model_args), "data": vars(data_args), "moe": vars(moe_args),
+            }, indent=2, default=str) + "\n")
+            if (output / "adapter_config.json").is_file() or isinstance(base_moe_model(trainer.model), UpcycledMoeForCausalLM):
+                write_card(output)
     return metrics
