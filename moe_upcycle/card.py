@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .convert.safetensors_io import SafetensorsCheckpoint
+from .errors import UpcycleError
 
 
 def _templates_dir() -> Path:
@@ -29,6 +30,10 @@ TEMPLATE = _templates_dir() / "upcycled_moe.md"
 ADAPTER_TEMPLATE = _templates_dir() / "lora_adapter.md"
 CARD_FILE = "README.md"
 TAGS = ["moe", "mixture-of-experts", "upcycled", "moe-upcycle"]
+
+
+class CardError(UpcycleError, ValueError):
+    """No card can be rendered for the folder: it is not an upcycled MoE model or LoRA adapter folder."""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -145,7 +150,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
         return render_adapter_card(folder, repo_id)
     config = _read_json(folder / "config.json")
     if config is None or config.get("model_type") != "upcycled_moe":
-        raise ValueError(f"{folder} is not an upcycled MoE model folder (config.json with model_type upcycled_moe)")
+        raise CardError(f"{folder} is not an upcycled MoE model folder (config.json with model_type upcycled_moe), so no "
+                        f"card can be generated for it: write its {CARD_FILE} yourself")
     recipe = config.get("upcycling") or {}
     text = config["text_config"]
     num_experts, top_k = config["num_experts"], config["num_experts_per_tok"]

@@ -7,18 +7,26 @@ references them succeeds, so a failed push leaves the repository as it was and c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard
+import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .card import CARD_FILE, render_card
 from .convert.safetensors_io import SafetensorsCheckpoint
-from .errors import CheckpointError, UpcycleError
+from .errors import UpcycleError
+from .train.sources import adapter_base, explained_loading, read_adapter_config
 
+try:  # the HTTP client of huggingface_hub 2.x, and of 1.x
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover
+    from httpx import TransportError
+
+NATIVE_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""Config fields of native Transformers MoE classes (Mixtral, Qwen2-MoE, DeepSeek, ...) holding the expert count."""
 IGNORE = [".*", "*/.*", "__pycache__/*", "*.pyc", "checkpoint-*/*", "runs/*", "training_args.bin"]
 
 
@@ -36,35 +44,54 @@ class PushResult:
 def validate_folder(folder: Path) -> list[str]:
     """Check that ``folder`` is publishable; return the files that would be uploaded.
 
-    The config (or adapter config) must load, every shard named by the index must exist and open, and
-    the card must render (it is rendered from the folder when there is none).
+    It must be a folder moe-upcycle wrote (an upcycled or exported MoE model, or a LoRA adapter): the config
+    (or adapter config) must load, every shard named by the index must exist and open, and an existing card's
+    metadata must parse.
     """
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a folder")
     if (folder / "adapter_config.json").is_file():
-        json.loads((folder / "adapter_config.json").read_text())
+        adapter_base(folder, read_adapter_config(folder))
     else:
-        from transformers import AutoConfig
-
-        import moe_upcycle  # noqa: F401  (registers upcycled_moe)
-
+        _check_moe_config(folder)
+    SafetensorsCheckpoint(folder)
+    if (folder / CARD_FILE).is_file():
         try:
-            AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as err:
-            raise PublishError(f"{folder}/config.json does not load: {err}") from None
-    try:
-        SafetensorsCheckpoint(folder)
-    except CheckpointError as err:
-        raise PublishError(f"{folder} cannot be published: {err}") from None
-    if not (folder / CARD_FILE).is_file():
-        render_card(folder)
-    else:
-        ModelCard.load(folder / CARD_FILE)
+            ModelCard.load(folder / CARD_FILE)
+        except (yaml.YAMLError, ValueError) as err:
+            reason = " ".join(str(err).split())
+            raise PublishError(f"the metadata (YAML front matter) of {folder / CARD_FILE} does not parse ({reason}); "
+                               f"fix it, or remove {CARD_FILE} to have the card generated") from None
     files = sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*")
         if p.is_file() and not any(p.relative_to(folder).match(pattern) for pattern in IGNORE)
     )
     return files
+
+
+def _check_moe_config(folder: Path) -> None:
+    """Refuse a config that does not load, and a dense model: this command publishes what moe-upcycle wrote."""
+    from transformers import AutoConfig
+
+    import moe_upcycle  # noqa: F401  (registers upcycled_moe)
+
+    with explained_loading(str(folder), "its config.json"):
+        config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "upcycled_moe" and not any(getattr(config, key, 0) for key in NATIVE_EXPERT_COUNTS):
+        raise PublishError(
+            f"{folder} holds a dense {config.model_type} model, not a MoE model; moe-upcycle push publishes the "
+            "folders of convert, train, merge and export: upcycle it first with `moe-upcycle convert`, or upload it "
+            "with `hf upload`"
+        )
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise PublishError(f"repo id {repo_id!r} is not valid ({err}); use 'namespace/name'") from None
+    if "/" not in repo_id:
+        raise PublishError(f"repo id {repo_id!r} is not valid: use 'namespace/name' (your user or organisation)")
 
 
 def push(
@@ -82,28 +109,32 @@ def push(
     """Validate ``folder`` and upload it to ``repo_id`` (created if needed) in one commit."""
     folder = Path(folder)
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise PublishError(f"repo id {repo_id!r} is not valid ({err}); use 'namespace/name'") from None
-    if "/" not in repo_id:
-        raise PublishError(f"repo id {repo_id!r} is not valid: use 'namespace/name' (your user or organisation)")
-    files = validate_folder(folder)
-    card_missing = not (folder / CARD_FILE).is_file()
-    if dry_run:
-        return PushResult(url=f"(dry run) {repo_id}", files=files + ([CARD_FILE] if card_missing else []), dry_run=True)
-    if card_missing:
-        render_card(folder, repo_id).save(folder / CARD_FILE)
+        _check_repo_id(repo_id)
+        files = validate_folder(folder)
+        card = None if (folder / CARD_FILE).is_file() else render_card(folder, repo_id)
+    except UpcycleError as err:
+        raise PublishError(f"nothing was published: {err}") from None
+    if card is not None:
         files.append(CARD_FILE)
+    if dry_run:
+        return PushResult(url=f"(dry run) {repo_id}", files=files, dry_run=True)
+    if constants.is_offline_mode():
+        raise PublishError("HF_HUB_OFFLINE is set, so the Hub cannot be reached and nothing was published; unset it "
+                           "(or check the upload with --dry-run) and run the same command again")
+    # The card goes into the commit from memory: the user's folder is never changed.
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(card).encode() if name == CARD_FILE and card
+                           else str(folder / name))
+        for name in files
+    ]
     api = HfApi(endpoint=endpoint, token=token)
     message = commit_message or f"Upload {folder.name} with moe-upcycle"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message,
-            create_pr=create_pr, ignore_patterns=IGNORE,
-        )
+        commit = api.create_commit(repo_id, operations=operations, revision=revision, commit_message=message,
+                                   create_pr=create_pr)
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         hint = {401: "log in with `hf auth login` or set HF_TOKEN", 403: "your token cannot write to this repo",
@@ -111,6 +142,11 @@ def push(
         raise PublishError(
             f"the Hub refused the upload to {repo_id} (HTTP {status}): {_first_line(err)}; nothing new was "
             f"published: {hint}, then run the same command again"
+        ) from None
+    except (TransportError, ConnectionError) as err:  # unreachable endpoint, proxy, DNS; HF_HUB_OFFLINE set meanwhile
+        raise PublishError(
+            f"could not reach the Hub at {endpoint or constants.ENDPOINT} ({type(err).__name__}: {_first_line(err)}); "
+            "nothing new was published: check the network, HF_ENDPOINT and any proxy, then run the same command again"
         ) from None
     url = commit.pr_url if create_pr and commit.pr_url else commit.commit_url
     return PushResult(url=url, files=files, dry_run=False)

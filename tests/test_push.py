@@ -131,3 +131,70 @@ def test_server_error_publishes_nothing_and_a_retry_works(hub, converted, capsys
     assert "config.json" not in hub.files(REPO)
     assert main(["push", str(converted), REPO]) == 0
     assert "config.json" in hub.files(REPO)
+
+
+# ------------------------------------------------------------------ issue 10: items 7 and 12
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_renders_the_card_into_the_upload_not_into_the_folder(hub, converted, capsys):
+    """Item 7: the card goes into the commit; the folder is the same before and after, on success and on failure."""
+    (converted / "README.md").unlink()
+    before = _tree(converted)
+    hub.fail_next(status=500, path_contains="/commit/")
+    _fails(capsys, ["push", str(converted), REPO], "HTTP 500")
+    assert _tree(converted) == before
+    assert main(["push", str(converted), REPO]) == 0
+    assert _tree(converted) == before
+    assert b"UpcycledMoeForCausalLM" in hub.files(REPO)["README.md"]
+
+
+def test_push_of_an_invalid_adapter_config(hub, converted, capsys):
+    (converted / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    _fails(capsys, ["push", str(converted), REPO], "nothing was published", "adapter_config.json is not valid JSON")
+    assert hub.requests == []
+
+
+def test_push_with_broken_card_metadata(hub, converted, capsys):
+    (converted / "README.md").write_text("---\nlicense: [apache-2.0\ntags: {moe\n---\n# A model\n")
+    _fails(capsys, ["push", str(converted), REPO], "nothing was published", "YAML front matter", "does not parse")
+    assert hub.requests == []
+
+
+def test_push_of_a_dense_folder(hub, tmp_path, capsys):
+    dense = build_dense("llama", tmp_path / "dense")
+    _fails(capsys, ["push", str(dense), REPO], "nothing was published", "dense llama model", "moe-upcycle convert")
+    assert hub.requests == [] and not (dense / "README.md").exists()
+
+
+def test_push_to_an_unreachable_endpoint(hub, converted, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # loopback, closed port
+    _fails(capsys, ["push", str(converted), REPO], "could not reach the Hub at http://127.0.0.1:9",
+           "nothing new was published", "run the same command again")
+
+
+def test_push_while_offline(hub, converted, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fails(capsys, ["push", str(converted), REPO], "HF_HUB_OFFLINE is set", "nothing was published")
+    assert hub.requests == []
+
+
+def test_push_to_an_unreachable_endpoint_in_a_real_process(converted, tmp_path):
+    """What a shell sees (a 70-line traceback before): one line and exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    (converted / "README.md").unlink()
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test",
+           "HF_HUB_DISABLE_XET": "1"}
+    done = subprocess.run([sys.executable, "-m", "moe_upcycle.cli", "push", str(converted), REPO], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("moe-upcycle: error: could not reach the Hub"), done.stderr
+    assert not (converted / "README.md").exists()
