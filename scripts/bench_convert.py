@@ -1,10 +1,13 @@
 """Conversion benchmark: wall time, throughput and peak RSS of ``moe-upcycle convert`` vs mergekit-moe on a ~0.8 GB checkpoint.
 
-    python scripts/bench_convert.py [--workdir /tmp/bench_convert] [--experts 4 8] [--mergekit-python PYTHON]
+    python scripts/bench_convert.py [--workdir /tmp/bench_convert] [--experts 4 8] [--mergekit-python PYTHON] [--verify]
 
 Builds a bf16 Llama-shaped dense checkpoint (random weights, written tensor by tensor, plus a tiny word-level
 tokenizer, which mergekit-moe requires), converts it in a fresh process per run and reports wall time, output GB/s
 and peak resident memory (VmHWM of that process), next to a plain file copy of the same output size as the I/O floor.
+
+``--verify`` adds a row per E for ``moe-upcycle convert --verify`` (float32 logits of the dense and the MoE model on a
+fixed batch), whose peak RSS is the largest of the run, with its ratio to the source size.
 
 ``--mergekit-python`` is the python of a separate virtual environment holding mergekit (its pins may clash with
 ours), or that venv's folder; without it the mergekit rows are skipped. Set one up with
@@ -136,6 +139,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_convert"))
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--mergekit-python", help="python of a venv with mergekit installed, or that venv's folder")
+    parser.add_argument("--verify", action="store_true", help="also measure moe-upcycle convert --verify")
     args = parser.parse_args()
     source = args.workdir / "dense"
     if not (source / "config.json").is_file():
@@ -172,6 +176,11 @@ def main() -> None:
         print(ROW.format("  cp -r + sync (I/O floor)", experts, f"{copy_wall:.1f}", f"{out_gb:.2f}",
                          f"{out_gb / copy_wall:.2f}", "-"), flush=True)
         shutil.rmtree(copy, ignore_errors=True)
+        if args.verify:
+            wall, rss = run_measured(sys.executable, OURS, ["convert", str(source), str(out), "--num-experts", str(experts),
+                                                            "--top-k", "2", "--overwrite", "--verify"])
+            print(ROW.format("moe-upcycle --verify", experts, f"{wall:.1f}", f"{out_gb:.2f}", "", f"{rss:.2f}")
+                  + f"  ({rss / source_gb:.1f}x the source)", flush=True)
         if mk_python:
             mk_out = args.workdir / f"mergekit{experts}"
             shutil.rmtree(mk_out, ignore_errors=True)

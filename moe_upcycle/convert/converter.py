@@ -13,21 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .. import __version__
 from ..adapters import get_adapter
-from ..errors import CheckpointError, InvalidOptionError, VerificationError
+from ..errors import InvalidOptionError, VerificationError
 from ..hub import resolve_source
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from .options import UpcycleOptions, resolve_layers
 from .output import atomic_folder, check_output, copy_side_files
 from .plan import PlanBuilder, check_against_model
 from .router_data import rows_from_prompts
-from .safetensors_io import SafetensorsCheckpoint, write_sharded
+from .safetensors_io import SafetensorsCheckpoint, read_config, write_sharded
 from .verify import Comparison, verify_conversion
 
 logger = logging.getLogger("moe_upcycle")
@@ -68,7 +66,8 @@ def judge(comparison: Comparison, reasons: list[str], dtype: torch.dtype) -> str
         raise VerificationError("the dense source's own outputs are not finite (NaN or inf in its weights?); "
                                 "check the source checkpoint before upcycling it")
     if not comparison.moe_finite:
-        hint = (f"{str(dtype).removeprefix('torch.')} cannot hold the scaled experts: pass --dtype bfloat16 or float32" if dtype == torch.float16
+        name = str(dtype).removeprefix("torch.")
+        hint = (f"{name} cannot hold the scaled experts: pass --dtype bfloat16 or float32" if dtype == torch.float16
                 else "please report this with the source model")
         raise VerificationError(f"the upcycled model's outputs are not finite (NaN or inf) although the dense model's "
                                 f"are; {hint}")
@@ -83,12 +82,7 @@ def judge(comparison: Comparison, reasons: list[str], dtype: torch.dtype) -> str
 
 
 def _load_dense_config(folder: Path):
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; pass the folder of a Transformers checkpoint")
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as err:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {' '.join(str(err).split())}") from None
+    return read_config(folder)
 
 
 def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | None = None, **kwargs) -> UpcycleResult:
@@ -129,7 +123,8 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     notes = []
     overflow = builder.overflowing_layers()
     if overflow:
-        notes.append(f"warning: the scaled experts of layer(s) {overflow} exceed the largest {str(dtype).removeprefix('torch.')} value and will be "
+        name = str(dtype).removeprefix("torch.")
+        notes.append(f"warning: the scaled experts of layer(s) {overflow} exceed the largest {name} value and will be "
                      "inf/NaN; pass --dtype bfloat16 or float32")
         logger.warning(notes[-1])
     reasons = options.inexact_reasons()

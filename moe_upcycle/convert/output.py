@@ -133,6 +133,15 @@ def _marked_folder(parent: Path, prefix: str) -> tuple[Path, int]:
     return folder, _lock(marker)
 
 
+def _remove(folder: Path) -> None:
+    """Remove a folder of ours, its :data:`MARKER` last: a run killed meanwhile leaves a folder still marked as ours,
+    which the next run removes."""
+    for entry in folder.iterdir():
+        if entry.name != MARKER:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    shutil.rmtree(folder)
+
+
 def _release(fd: int | None) -> None:
     if fd is not None:
         with suppress(OSError):
@@ -151,7 +160,11 @@ def clean_stale(output: Path) -> list[Path]:
     candidates = sorted(output.parent.glob(f".{output.name}.old-*")) + sorted(output.parent.glob(f".{output.name}.tmp-*"))
     for folder in candidates:
         marker = folder / MARKER
-        if not folder.is_dir() or folder.is_symlink() or not marker.is_file():
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        if not marker.is_file():  # killed between creating the folder and marking it: empty, nothing to lose
+            with suppress(OSError):
+                folder.rmdir()
             continue
         fd = _lock(marker, blocking=False)
         if fd is None:  # a live run owns it
@@ -161,7 +174,7 @@ def clean_stale(output: Path) -> list[Path]:
             if folder.name.startswith(f".{output.name}.old-") and old.is_dir() and not output.exists():
                 os.replace(old, output)  # died between moving the old output away and the new one in
                 logger.warning("restored %s from an interrupted --overwrite", output)
-            shutil.rmtree(folder)
+            _remove(folder)
             removed.append(folder)
             logger.warning("removed %s, left by an interrupted run", folder)
         finally:
@@ -209,7 +222,8 @@ def atomic_folder(output: Path, overwrite: bool, inputs: Sequence[str | Path] = 
                 os.replace(output, backup / "old")
                 os.replace(tmp, output)
                 tmp = None
-                shutil.rmtree(backup, ignore_errors=True)
+                with suppress(OSError):
+                    _remove(backup)
             else:
                 os.replace(tmp, output)
                 tmp = None
@@ -221,7 +235,8 @@ def atomic_folder(output: Path, overwrite: bool, inputs: Sequence[str | Path] = 
         _release(fd)
         _release(backup_fd)
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with suppress(OSError):
+                _remove(tmp)
             for parent in created:  # innermost first
                 try:
                     parent.rmdir()

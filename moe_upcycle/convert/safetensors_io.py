@@ -44,6 +44,32 @@ class TensorInfo:
     nbytes: int
 
 
+def raw_config(folder: Path, what: str = "a Transformers checkpoint") -> dict:
+    """``folder/config.json`` as a dict; a missing, unreadable or non-object file is a :class:`CheckpointError`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass the folder of {what}")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object; pass the folder of {what}")
+    return raw
+
+
+def read_config(folder: Path, config_class=None, what: str = "a Transformers checkpoint"):
+    """Load ``folder/config.json`` with ``config_class`` (default ``AutoConfig``); any failure is one
+    :class:`CheckpointError` line (Transformers raises a zoo of exception types for malformed configs)."""
+    from transformers import AutoConfig
+
+    raw_config(folder, what)
+    try:
+        return (config_class or AutoConfig).from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 (ValueError, TypeError, KeyError, AttributeError, IndexError, StrictDataclassError...)
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {' '.join(str(err).split()) or type(err).__name__}") from None
+
+
 def read_header(path: Path) -> dict:
     """Parse and check a safetensors header; raise :class:`CheckpointError` naming the file if it is corrupt."""
     fix = "the file is damaged or incomplete: download or copy it again"
@@ -57,6 +83,9 @@ def read_header(path: Path) -> dict:
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         data_size = size - 8 - length
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError(f"its __metadata__ is {metadata!r}, not a mapping of strings")
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -156,6 +185,12 @@ class SafetensorsCheckpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._open_file is not None:

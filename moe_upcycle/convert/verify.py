@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel
+from ..errors import CheckpointError
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, _ExpertsBase
+from .safetensors_io import SafetensorsCheckpoint
 
 
 def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +54,8 @@ def compare(dense: torch.Tensor, moe: torch.Tensor) -> Comparison:
 def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "causal_lm") -> Comparison:
     """Compare the logits (decoders) or hidden states (encoders) of both models in float32.
 
-    The models are loaded one after the other, so the peak is the larger of the two, not their sum.
+    The dense model runs first and is freed; the upcycled model is then built with every tensor but the experts
+    (:func:`load_with_lazy_experts`), so the peak is about the float32 dense model, not the float32 MoE model.
     """
     field = "last_hidden_state" if task == "encoder" else "logits"
     dense_class, moe_class = (AutoModel, UpcycledMoeModel) if task == "encoder" else (AutoModelForCausalLM, UpcycledMoeForCausalLM)
@@ -57,5 +63,52 @@ def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "c
     expected = _outputs(dense, field)
     del dense
     gc.collect()
-    moe = moe_class.from_pretrained(moe_dir, dtype=torch.float32)
-    return compare(expected, _outputs(moe, field))
+    return compare(expected, _outputs(load_with_lazy_experts(moe_class, moe_dir), field))
+
+
+@contextmanager
+def _experts_on_meta() -> Iterator[None]:
+    """Experts modules built meanwhile hold meta tensors (no memory, no initialisation)."""
+    original = _ExpertsBase.__init__
+
+    def init(self, *args, **kwargs):
+        with torch.device("meta"):
+            original(self, *args, **kwargs)
+
+    _ExpertsBase.__init__ = init
+    try:
+        yield
+    finally:
+        _ExpertsBase.__init__ = original
+
+
+def load_with_lazy_experts(model_class: type[PreTrainedModel], folder: str | Path) -> PreTrainedModel:
+    """The upcycled model in ``folder`` in float32, for inference, with each MoE layer's experts read from the
+    checkpoint just before that layer runs and dropped right after: at most one layer's experts are in memory."""
+    folder = Path(folder)
+    with _experts_on_meta():
+        model = model_class._from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    experts = {f"{name}.": module for name, module in model.named_modules() if isinstance(module, _ExpertsBase)}
+    with SafetensorsCheckpoint(folder) as tensors:
+        state = {name: tensors.get(name).float() for name in tensors.keys() if not name.startswith(tuple(experts))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [name for name in missing if not name.startswith(tuple(experts)) and name not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    del state
+    for prefix, module in experts.items():
+        names = [name for name, _ in module.named_parameters(recurse=False)]
+
+        def load(module, args, prefix=prefix, names=names):
+            with SafetensorsCheckpoint(folder) as tensors:
+                for name in names:
+                    setattr(module, name, nn.Parameter(tensors.get(prefix + name).float(), requires_grad=False))
+
+        def drop(module, args, output, names=names):
+            for name in names:
+                setattr(module, name, nn.Parameter(getattr(module, name).to("meta"), requires_grad=False))
+
+        module.register_forward_pre_hook(load)
+        module.register_forward_hook(drop)
+    return model.eval()

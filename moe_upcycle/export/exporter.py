@@ -6,7 +6,6 @@ The output loads with stock ``AutoModelForCausalLM.from_pretrained(output)`` on 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,7 @@ from transformers import PreTrainedConfig
 
 from ..convert.options import parse_size
 from ..convert.output import atomic_folder, check_output, copy_side_files
-from ..convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, write_sharded
-from ..errors import CheckpointError
+from ..convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, raw_config, read_config, write_sharded
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from .errors import ExportError
 from .native_config import build_native_config
@@ -48,20 +46,12 @@ class ExportResult:
 
 def load_upcycled_config(folder: Path) -> UpcycledMoeConfig:
     """The ``UpcycledMoeConfig`` of ``folder``; raises if it is missing or belongs to another model type."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json; pass the folder of an upcycled checkpoint")
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except ValueError as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    model_type = raw_config(folder, "an upcycled checkpoint").get("model_type")
     if model_type != UpcycledMoeConfig.model_type:
-        raise ExportError(f"{folder} is a {model_type!r} checkpoint, not an upcycled one ({UpcycledMoeConfig.model_type!r}): "
-                          "export_native converts the output of `moe-upcycle convert` (or of merge/train)")
-    try:
-        return UpcycledMoeConfig.from_pretrained(folder)
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+        raise ExportError(f"{folder} is a {model_type!r} checkpoint, not an upcycled one "
+                          f"({UpcycledMoeConfig.model_type!r}): export_native converts the output of `moe-upcycle convert` "
+                          "(or of merge/train)")
+    return read_config(folder, UpcycledMoeConfig, "an upcycled checkpoint")
 
 
 def _notes(config: UpcycledMoeConfig, target: NativeTarget, native: PreTrainedConfig) -> list[str]:
@@ -93,7 +83,7 @@ def export_native(
     start = time.perf_counter()
     folder, output = Path(folder), Path(output)
     max_shard_bytes = parse_size(max_shard_size)
-    check_output(output, overwrite)
+    check_output(output, overwrite, [folder])
     config = load_upcycled_config(folder)
     family = config.text_config.model_type
     target = resolve_target(family, to)
@@ -105,7 +95,7 @@ def export_native(
     try:
         plan: list[PlannedTensor] = plan_native_tensors(reader, target, native)
         check_against_native(plan, native, target)
-        with atomic_folder(output, overwrite) as tmp:
+        with atomic_folder(output, overwrite, [folder]) as tmp:
             shards = write_sharded(tmp, plan, max_shard_bytes)
             native.save_pretrained(tmp)
             copied = copy_side_files(folder, tmp)
