@@ -50,11 +50,13 @@ def validate_folder(folder: Path) -> list[str]:
     """
     if not folder.is_dir():
         raise PublishError(f"{folder} is not a folder")
+    checkpoint = SafetensorsCheckpoint(folder)
+    if not checkpoint.info:
+        raise PublishError(f"{folder} holds no weights (its safetensors files name no tensor)")
     if (folder / "adapter_config.json").is_file():
         adapter_base(folder, read_adapter_config(folder))
     else:
-        _check_moe_config(folder)
-    SafetensorsCheckpoint(folder)
+        _check_moe_config(folder, checkpoint)
     if (folder / CARD_FILE).is_file():
         try:
             ModelCard.load(folder / CARD_FILE)
@@ -69,9 +71,12 @@ def validate_folder(folder: Path) -> list[str]:
     return files
 
 
-def _check_moe_config(folder: Path) -> None:
-    """Refuse a config that does not load, and a dense model: this command publishes what moe-upcycle wrote."""
-    from transformers import AutoConfig
+def _check_moe_config(folder: Path, checkpoint: SafetensorsCheckpoint) -> None:
+    """Refuse a config that does not load, a dense model (this command publishes what moe-upcycle wrote), and a
+    config that describes other shapes than the weights have (the model, built on the meta device, is compared
+    with the safetensors headers tensor by tensor)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     import moe_upcycle  # noqa: F401  (registers upcycled_moe)
 
@@ -83,6 +88,15 @@ def _check_moe_config(folder: Path) -> None:
             "folders of convert, train, merge and export: upcycle it first with `moe-upcycle convert`, or upload it "
             "with `hf upload`"
         )
+    causal = any(a.endswith("ForCausalLM") for a in [*(config.architectures or []), *(getattr(config, "auto_map", None) or {})])
+    with explained_loading(str(folder), "the model its config.json describes"), torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    for name, tensor in model.state_dict().items():
+        stored = checkpoint.info.get(name)
+        if stored is not None and stored.shape != tuple(tensor.shape):
+            raise PublishError(f"{folder}/config.json does not match the weights: {name} is {list(stored.shape)} in "
+                               f"{stored.shard} but {list(tensor.shape)} in the model the config describes; the folder "
+                               "is damaged: write it again")
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -18,8 +18,17 @@ from transformers.utils import strtobool
 
 from ..errors import InvalidOptionError, OutputExistsError
 from ..yaml_config import apply_yaml_defaults, config_path
+from .outputs import write_error
 
 LORA_GROUPS = ("attention", "experts", "dense_mlp", "router")
+
+
+def check_strings(args) -> None:
+    """Refuse a non-string in a string field: a YAML recipe can put any value there, the command line cannot."""
+    for item in fields(args):
+        value = getattr(args, item.name)
+        if "str" in str(item.type) and value is not None and not isinstance(value, str):
+            raise InvalidOptionError(f"{item.name}={value!r} is invalid: expected a string")
 
 
 @dataclass
@@ -27,6 +36,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "upcycled (or dense) model: local folder or Hub id"})
     model_revision: str | None = field(default=None, metadata={"help": "Hub revision of the model"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own modeling code"})
+
+    def __post_init__(self):
+        check_strings(self)
 
 
 @dataclass
@@ -45,6 +57,7 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "keep at most this many validation blocks"})
 
     def __post_init__(self):
+        check_strings(self)
         if self.block_size < 2:
             raise InvalidOptionError(f"block_size={self.block_size} is invalid: expected an integer >= 2")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -76,6 +89,9 @@ class MoeArguments:
     routing_heatmap: bool = field(default=True, metadata={"help": "save expert_load.png at the end of training"})
 
     def __post_init__(self):
+        if isinstance(self.lora_target, list) and all(isinstance(t, str) for t in self.lora_target):
+            self.lora_target = ",".join(self.lora_target)  # a YAML list of targets
+        check_strings(self)
         if self.use_lora and self.router_only:
             raise InvalidOptionError("use_lora and router_only exclude each other: choose one way to train")
         if self.lora_r < 1:
@@ -131,7 +147,11 @@ def parse_train_args(argv: Sequence[str] | None = None):
 
 
 def check_steps(args: TrainingArguments) -> None:
-    """Refuse a run that would take no optimizer step (its output would be the model it started from)."""
+    """Refuse a run that would take no optimizer step (its output would be the model it started from), or that
+    has no batch to take one with."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise InvalidOptionError(f"{name}={getattr(args, name)} is invalid: expected an integer >= 1")
     if args.max_steps == 0 or (args.max_steps < 0 and not args.num_train_epochs > 0):
         raise InvalidOptionError(
             f"max_steps={args.max_steps} with num_train_epochs={args.num_train_epochs} trains 0 steps, and the output "
@@ -142,9 +162,12 @@ def check_steps(args: TrainingArguments) -> None:
 def check_output_dir(output_dir: str) -> None:
     """Refuse an ``--output_dir`` that cannot become a folder, before anything is loaded."""
     path = Path(output_dir).expanduser()
-    if path.exists() and not path.is_dir():
+    try:
+        existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    except OSError as err:  # e.g. a name too long for the file system
+        raise write_error(path, err, "--output_dir") from None
+    if existing == path and not path.is_dir():
         raise OutputExistsError(f"--output_dir {output_dir} is a file; choose a folder")
-    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
     if not existing.is_dir():
         raise OutputExistsError(f"--output_dir {output_dir} cannot be created: {existing} is a file; choose another folder")
 

@@ -8,8 +8,9 @@ import logging
 from itertools import chain
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from pyarrow import ArrowException
 
 from ..errors import InvalidOptionError
 from .args import DataArguments
@@ -47,7 +48,7 @@ def load_files(files: dict[str, str]) -> DatasetDict:
     quiet.setLevel(logging.CRITICAL)
     try:
         return load_dataset(builder, data_files=files, **kwargs)
-    except DatasetGenerationError as err:
+    except (DatasetGenerationError, ArrowException) as err:  # parquet errors come straight from pyarrow
         raise InvalidOptionError(_unreadable(files, builder, err)) from None
     finally:
         quiet.setLevel(level)
@@ -77,7 +78,7 @@ def _is_json_document(path: str) -> bool:
     return True
 
 
-def _unreadable(files: dict[str, str], builder: str, err: DatasetGenerationError) -> str:
+def _unreadable(files: dict[str, str], builder: str, err: Exception) -> str:
     """Why ``datasets`` could not read ``files``: the bad line of a JSON lines file, else the underlying error."""
     for split, path in files.items() if builder == "json" else ():
         bad = _first_bad_json_line(path)
@@ -123,15 +124,20 @@ def load_raw(data: DataArguments) -> DatasetDict | dict:
                 f"{data.validation_split_percentage}% for validation: give more text or pass --validation_file"
             ) from None
         raw = DatasetDict(train=split["train"], validation=split["test"])
-    check_text_column(raw["train"], data.text_column)
+    for dataset in raw.values():
+        check_text_column(dataset, data.text_column)
     return raw
 
 
 def check_text_column(dataset, column: str) -> None:
-    """Raise if ``column`` is not in ``dataset`` (streamed datasets may not know their columns)."""
+    """Raise if ``column`` is not in ``dataset`` or does not hold text (streamed datasets may not know their columns)."""
     columns = dataset.column_names
     if columns is not None and column not in columns:
         raise InvalidOptionError(f"text column {column!r} is not in the data; its columns are {columns}")
+    feature = (dataset.features or {}).get(column)
+    if feature is not None and not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise InvalidOptionError(f"text column {column!r} holds {feature}, not text; name a column of strings with "
+                                 "--text_column")
 
 
 def pack(raw, tokenizer, data: DataArguments):

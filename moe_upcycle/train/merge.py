@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from ..convert.output import atomic_folder, check_output
 from .lora import merge_adapter
+from .outputs import write_errors
 from .sources import ADAPTER_CONFIG, adapter_base, explained_loading, read_adapter_config
 
 
@@ -21,16 +22,22 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, overwrite: bool
     base = adapter_base(adapter_dir, read_adapter_config(adapter_dir))
     inputs = [adapter_dir, *([base] if Path(base).is_dir() else [])]
     check_output(output, overwrite, inputs)  # before the (long) merge; atomic_folder checks again
-    fix = (f"it is neither a folder (here or beside the adapter) nor a Hub repo that loads: set base_model_name_or_path "
-           f"in {adapter_dir / ADAPTER_CONFIG} to the base model's folder or Hub id")
-    with explained_loading(base, "the adapter's base model", fix):
+    hub_fix = None if Path(base).is_dir() else (
+        "it is neither a folder (here or beside the adapter) nor a Hub repo that loads: set base_model_name_or_path in "
+        f"{adapter_dir / ADAPTER_CONFIG} to the base model's folder or Hub id")
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        with explained_loading(str(adapter_dir), "the adapter's tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    else:
+        with explained_loading(base, "the base model's tokenizer", hub_fix):
+            tokenizer = AutoTokenizer.from_pretrained(base)
+    with explained_loading(base, "the adapter's base model", hub_fix):
         model = merge_adapter(str(adapter_dir), base)
-    with atomic_folder(output, overwrite, inputs) as tmp:
+    with atomic_folder(output, overwrite, inputs) as tmp, write_errors(output, "the output"):
         model.save_pretrained(tmp)
         if getattr(model.config, "model_type", None) == "upcycled_moe":
             from ..card import write_card
 
             write_card(tmp, location=str(output))
-        tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return output.resolve()

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..errors import OutputError, OutputExistsError
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -62,6 +64,22 @@ def _remove_created(created: list[Path]) -> None:
 
 
 @contextmanager
+def write_errors(output: Path, flag: str) -> Iterator[None]:
+    """Turn a failure to write into ``output`` (an ``OSError`` of writing, or the I/O error safetensors raises as
+    its own type) into one :class:`OutputError` line; other errors pass through."""
+    try:
+        yield
+    except SafetensorError as err:
+        reason = " ".join(str(err).split())
+        raise OutputError(f"cannot write {flag} {output}: {reason}; choose another place (one you can write to, with "
+                          "free space)") from None
+    except OSError as err:
+        if _is_write_error(err, Path(output).absolute()):
+            raise write_error(output, err, flag) from None
+        raise
+
+
+@contextmanager
 def run_folder(folder: Path, flag: str = "--output_dir") -> Iterator[Path]:
     """Create ``folder`` (if needed) and prove it writable now; on failure of the body, remove what was created.
 
@@ -78,12 +96,8 @@ def run_folder(folder: Path, flag: str = "--output_dir") -> Iterator[Path]:
                 pass
         except OSError as err:
             raise write_error(folder, err, flag) from None
-        try:
+        with write_errors(folder, flag):
             yield folder
-        except OSError as err:
-            if _is_write_error(err, folder):
-                raise write_error(folder, err, flag) from None
-            raise
     except BaseException:
         if not any(folder.glob("checkpoint-*")):
             _remove_created(created)
@@ -93,16 +107,16 @@ def run_folder(folder: Path, flag: str = "--output_dir") -> Iterator[Path]:
 def check_output_file(path: Path, flag: str, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse, before any work, a file that cannot be written: a folder, an input, in a missing or unwritable folder."""
     path = Path(path)
-    if path.is_dir():
-        raise OutputExistsError(f"{flag} {path} is a folder; give a file name such as {path / 'eval.json'}")
-    refuse_inputs(path, inputs, flag)
-    folder = path.absolute().parent
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    if not existing.is_dir():
-        raise OutputExistsError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
-    if existing != folder:
-        raise OutputError(f"{flag} {path}: the folder {folder} does not exist; create it first or choose another path")
     try:
+        if path.is_dir():
+            raise OutputExistsError(f"{flag} {path} is a folder; give a file name such as {path / 'eval.json'}")
+        refuse_inputs(path, inputs, flag)
+        folder = path.absolute().parent
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+        if not existing.is_dir():
+            raise OutputExistsError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+        if existing != folder:
+            raise OutputError(f"{flag} {path}: the folder {folder} does not exist; create it first or choose another path")
         if len(path.name.encode()) > os.pathconf(folder, "PC_NAME_MAX"):
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         with tempfile.TemporaryFile(dir=folder):
