@@ -13,6 +13,12 @@ Columns: the ideal, Transformers' Mixtral block (``eager`` loop and ``grouped_mm
 Transformers' ``grouped_mm`` experts kernel, and our block as it runs by default (``upcycled_default``:
 ``sorted_mm`` on CPU, ``grouped_mm`` on accelerators). Before timing, the default kernel's output and
 gradients are checked against the eager loop (float32).
+
+What it does not measure: the rest of the model (attention, embeddings, the LM head, the router losses, the
+optimizer step) and memory as a training step leaves it. One block runs alone, so every pass gets back from the
+allocator the buffers the previous pass of the same block freed; in training, other layers, the optimizer and
+the 8x larger expert gradients (fresh pages after ``zero_grad(set_to_none=True)``) sit between two calls. For a
+whole step, several per process, see ``scripts/bench_train_step.py``.
 """
 
 from __future__ import annotations
