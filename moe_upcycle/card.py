@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .convert.options import reproduce_flags
 from .convert.safetensors_io import SafetensorsCheckpoint
 from .errors import UpcycleError
 
@@ -115,30 +116,6 @@ ROUTER_TEXT = {
     "sigmoid": "sigmoid scores, top-k of score + balancing bias, selected scores renormalised; bias updated after "
                "every step (auxiliary-loss-free balancing, DeepSeek-V3)",
 }
-_RECIPE_FLAGS = (("granularity", "--granularity", 1), ("shared_experts", "--shared-experts", 0),
-                 ("router_type", "--router-type", "topk_renorm"), ("router_init", "--router-init", None),
-                 ("router_prompts", "--router-prompts", None), ("router_bias_update_rate", "--router-bias-update-rate", 0.0))
-
-
-def _recipe_flags(recipe: dict) -> list[str]:
-    """Command-line flags of the recipe options that differ from their defaults."""
-    flags = []
-    for key, flag, default in _RECIPE_FLAGS:
-        if recipe.get(key, default) not in (default, None):
-            flags += [flag, str(recipe[key])]
-    if recipe.get("shared_expert_gate"):
-        flags.append("--shared-expert-gate")
-    return flags
-
-
-def _recipe_is_exact(recipe: dict) -> bool:
-    if recipe.get("expert_noise") or recipe.get("drop_upcycling_ratio"):
-        return False
-    if recipe.get("router_type") == "softmax_topk" and recipe.get("router_init") != "zero":
-        return False
-    return True
-
-
 def render_card(folder: str | Path, repo_id: str | None = None, location: str | None = None) -> ModelCard:
     """Render the card of an upcycled model folder (converted, merged or fully fine-tuned).
 
@@ -158,14 +135,9 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
     total, active = parameter_counts(folder, num_experts, top_k)
     base = recipe.get("source", "unknown")
     training, train_command = _training_section(folder)
-    convert_command = shlex.join([
-        "moe-upcycle", "convert", base, "OUTPUT", "--num-experts", str(num_experts), "--top-k", str(top_k),
-        "--layers", str(recipe.get("layers", "all")), "--router-init-std", str(recipe.get("router_init_std", 0.02)),
-        "--expert-noise", str(recipe.get("expert_noise", 0.0)),
-        "--drop-upcycling", str(recipe.get("drop_upcycling_ratio", 0.0)), "--dtype", str(recipe.get("dtype", "auto")),
-        "--seed", str(recipe.get("seed", 0)), *(["--revision", recipe["revision"]] if recipe.get("revision") else []),
-        *_recipe_flags(recipe),
-    ])
+    # The converter records every option and why the result is not exact; the card reads both, decides nothing.
+    convert_command = shlex.join(["moe-upcycle", "convert", base, "OUTPUT", *reproduce_flags(recipe)])
+    inexact = recipe.get("inexact_reasons")  # None: converted before the record existed, exactness unknown
     encoder = "AutoModelForCausalLM" not in (config.get("auto_map") or {"AutoModelForCausalLM": None})
     return _render(
         TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS, location=location,
@@ -195,7 +167,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
         total_params=f"{total:,}",
         active_params=f"{active:,}",
         dtype=config.get("dtype") or text.get("dtype"),
-        exact=_recipe_is_exact(recipe) and training is None,
+        exact=inexact == [] and training is None,
+        inexact_reasons="; ".join(inexact or []),
         training=training,
         metrics=_metrics_table(folder),
         heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,

@@ -15,7 +15,7 @@ from .yaml_config import apply_yaml_defaults, config_path
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from .convert.options import LAYER_SPEC_HELP
+    from .convert.options import add_option_arguments
 
     p = sub.add_parser("convert", help="upcycle a dense checkpoint into a sparse MoE checkpoint",
                        description="Upcycle a dense causal LM (local folder or Hub id) into a sparse MoE model.")
@@ -23,57 +23,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="recipe file whose keys are these flags without -- (see configs/); flags override it")
     p.add_argument("source", help="local folder or Hub model id of the dense model")
     p.add_argument("output", help="folder to write the MoE model to (must not exist or be empty)")
-    p.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--layers", default="all", help=f"MoE layers: {LAYER_SPEC_HELP} (default all)")
-    p.add_argument("--granularity", type=int, default=1, metavar="G",
-                   help="fine-grained upcycling: cut each MLP into G neuron slices (He et al. 2024); --num-experts and "
-                        "--top-k count slices, e.g. --granularity 4 --num-experts 32 --top-k 8 (default 1)")
-    p.add_argument("--shared-experts", type=int, default=0, metavar="S",
-                   help="slices (of G) that form an always-on shared expert (DeepSeekMoE / Qwen-MoE; default 0)")
-    p.add_argument("--shared-expert-gate", action="store_true", help="sigmoid-gate the shared expert (Qwen2-MoE)")
-    p.add_argument("--router-type", default="topk_renorm", choices=["topk_renorm", "softmax_topk", "sigmoid"],
-                   help="topk_renorm (Mixtral, default), softmax_topk (no renormalisation, experts scaled), "
-                        "sigmoid (DeepSeek-V3, auxiliary-loss-free bias balancing)")
-    p.add_argument("--router-init", default="auto", choices=["auto", "random", "zero", "hidden", "embedding"],
-                   help="router initialisation; hidden/embedding read --router-prompts (default auto: zero for "
-                        "softmax_topk without slices, else random)")
-    p.add_argument("--router-prompts", default=None, metavar="YAML",
-                   help="per-expert prompts for --router-init hidden|embedding (see configs/router_prompts_example.yaml)")
-    p.add_argument("--router-bias-update-rate", type=float, default=None,
-                   help="sigmoid routers: bias balancing speed gamma (default 0.001, DeepSeek-V3)")
-    p.add_argument("--router-init-std", type=float, default=0.02, help="std of the random router (default 0.02)")
-    p.add_argument("--expert-noise", type=float, default=0.0,
-                   help="relative Gaussian noise per expert; > 0 breaks exactness on purpose (default 0)")
-    p.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
-                   help="Drop-Upcycling: re-initialise this fraction of each expert's neurons (paper: 0.5; default 0)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="dtype of the written weights (default: the source's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of router and noise initialisation")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub source")
-    p.add_argument("--router-aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight")
-    p.add_argument("--router-z-loss-coef", type=float, default=0.001, help="router z-loss weight")
-    p.add_argument("--router-jitter-noise", type=float, default=0.0, help="router input jitter in training")
-    p.add_argument("--verify", action="store_true", help="compare dense and MoE logits after converting")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
+    add_option_arguments(p)
     p.set_defaults(func=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import UpcycleOptions, upcycle
+    from .convert import upcycle
+    from .convert.options import options_from_namespace
 
-    options = UpcycleOptions(
-        num_experts=args.num_experts, top_k=args.top_k, layers=args.layers, router_init_std=args.router_init_std,
-        granularity=args.granularity, shared_experts=args.shared_experts, shared_expert_gate=args.shared_expert_gate,
-        router_type=args.router_type, router_init=args.router_init, router_prompts=args.router_prompts,
-        router_bias_update_rate=args.router_bias_update_rate,
-        expert_noise=args.expert_noise, drop_upcycling_ratio=args.drop_upcycling, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, seed=args.seed,
-        revision=args.revision, verify=args.verify, overwrite=args.overwrite,
-        router_aux_loss_coef=args.router_aux_loss_coef, router_z_loss_coef=args.router_z_loss_coef,
-        router_jitter_noise=args.router_jitter_noise,
-    )
+    options = options_from_namespace(args)
     result = upcycle(args.source, args.output, options)
     print(f"wrote {result.output} in {result.seconds:.1f}s: {len(result.shards)} shard(s), "
           f"{result.bytes_written / 1e9:.3f} GB")

@@ -32,11 +32,12 @@ def apply_yaml_defaults(parser: argparse.ArgumentParser, path: Path | None) -> N
     if not isinstance(values, dict):
         raise InvalidOptionError(f"{path} must hold a mapping of argument names to values")
     values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    actions = {action.dest: action for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions}  # a key is a flag name or its destination
+    actions |= {flag.lstrip("-").replace("-", "_"): action for action in parser._actions for flag in action.option_strings}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise InvalidOptionError(f"{path}: unknown keys {unknown}; keys are the flag names without --")
-    values = {key: _typed(path, key, value, actions[key]) for key, value in values.items()}
+    values = {actions[key].dest: _typed(path, key, value, actions[key]) for key, value in values.items()}
     parser.set_defaults(**values)
     for action in parser._actions:  # required arguments given in the file are satisfied by its defaults
         if action.dest in values:

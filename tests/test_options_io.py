@@ -65,3 +65,30 @@ def test_writer_streams_chunks_and_round_trips(tmp_path):
     assert torch.equal(loaded["ids"], torch.tensor([1, 2, 3]))
     reader = SafetensorsCheckpoint(tmp_path)
     assert reader.info["experts"].shape == (6, 3, 5) and torch.equal(reader.get("ids"), torch.tensor([1, 2, 3]))
+
+
+def test_router_loss_defaults_follow_the_router_type():
+    """Sigmoid routers balance by their bias (DeepSeek-V3): a tiny balance loss and no z-loss unless asked for."""
+    from moe_upcycle.convert.options import UpcycleOptions
+
+    assert (UpcycleOptions().router_aux_loss_coef, UpcycleOptions().router_z_loss_coef) == (0.01, 0.001)
+    sigmoid = UpcycleOptions(router_type="sigmoid")
+    assert (sigmoid.router_aux_loss_coef, sigmoid.router_z_loss_coef) == (1e-4, 0.0)
+    assert UpcycleOptions(router_type="sigmoid", router_aux_loss_coef=0.01).router_aux_loss_coef == 0.01
+
+
+def test_readme_convert_table_lists_every_flag_of_the_parser():
+    """The README's convert options table and `moe-upcycle convert --help` name the same flags."""
+    import re
+    from pathlib import Path
+
+    from moe_upcycle.cli import _subparser, build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Convert"):readme.index("### Recipes")]
+    first_cells = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `")]
+    documented = set(re.findall(r"`(--[a-z][a-z-]*)", "\n".join(first_cells)))
+    parser = _subparser(build_parser(), "convert")
+    flags = {flag for action in parser._actions for flag in action.option_strings
+             if flag.startswith("--") and "_" not in flag and flag != "--help"}
+    assert documented == flags

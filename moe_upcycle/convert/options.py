@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from contextlib import suppress
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -22,7 +24,19 @@ ROUTER_TYPES: tuple[str, ...] = ("topk_renorm", "softmax_topk", "sigmoid")
 RouterInit = Literal["auto", "random", "zero", "hidden", "embedding"]
 ROUTER_INITS: tuple[str, ...] = ("auto", "random", "zero", "hidden", "embedding")
 DEEPSEEK_V3_BIAS_UPDATE_RATE = 0.001  # gamma of DeepSeek-V3's auxiliary-loss-free balancing
+# Default (load-balancing, z-loss) weights by router type. Softmax routers: Switch / ST-MoE values. Sigmoid routers
+# balance by their selection bias (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2), keep only a tiny balance loss
+# (alpha = 1e-4, the paper's sequence-wise weight; ours is batch-wise) and no z-loss (it bounds softmax logits).
+ROUTER_LOSS_DEFAULTS: dict[str, tuple[float, float]] = {
+    "topk_renorm": (0.01, 0.001), "softmax_topk": (0.01, 0.001), "sigmoid": (1e-4, 0.0),
+}
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
+
+
+def option(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None, reproduce: bool = True):
+    """A dataclass field declaring one convert option: ``flag`` defaults to ``--`` + the name with dashes;
+    ``reproduce``: the option changes what is written, so the card's reproduce command carries it."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar, "reproduce": reproduce})
 
 
 def _invalid(field: str, value: Any, allowed: str) -> InvalidOptionError:
@@ -106,28 +120,42 @@ class UpcycleOptions:
         router_aux_loss_coef / router_z_loss_coef / router_jitter_noise: training settings stored in the config.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    layers: str | Sequence[int] = "all"
-    granularity: int = 1
-    shared_experts: int = 0
-    shared_expert_gate: bool = False
-    router_type: RouterType = "topk_renorm"
-    router_init: RouterInit = "auto"
-    router_prompts: str | None = None
-    router_bias_update_rate: float | None = None
-    router_init_std: float = 0.02
-    expert_noise: float = 0.0
-    drop_upcycling_ratio: float = 0.0
-    dtype: DtypeName = "auto"
-    max_shard_size: int | str = "5GB"
-    seed: int = 0
-    revision: str | None = None
-    verify: bool = False
-    overwrite: bool = False
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router_jitter_noise: float = 0.0
+    # Each option is declared once: its flag, help and metavar here; type, default and choices from the annotation.
+    # The `moe-upcycle convert` parser, the YAML recipe keys and the card's reproduce command are derived from this.
+    num_experts: int = option(8, "experts per MoE layer (routed slices with --granularity)")
+    top_k: int = option(2, "experts per token")
+    layers: str | Sequence[int] = option("all", f"MoE layers: {LAYER_SPEC_HELP}")
+    granularity: int = option(1, "fine-grained upcycling: cut each MLP into G neuron slices (He et al. 2024); "
+                                 "--num-experts and --top-k count slices, e.g. --granularity 4 --num-experts 32 --top-k 8",
+                              metavar="G")
+    shared_experts: int = option(0, "slices (of G) that form an always-on shared expert (DeepSeekMoE / Qwen-MoE)",
+                                 metavar="S")
+    shared_expert_gate: bool = option(False, "sigmoid-gate the shared expert (Qwen2-MoE)")
+    router_type: RouterType = option("topk_renorm", "topk_renorm (Mixtral), softmax_topk (no renormalisation, experts "
+                                                    "scaled), sigmoid (DeepSeek-V3, auxiliary-loss-free bias balancing)")
+    router_init: RouterInit = option("auto", "router initialisation; hidden/embedding read --router-prompts (auto: zero "
+                                             "for softmax_topk without slices, else random)")
+    router_prompts: str | None = option(None, "per-expert prompts for --router-init hidden|embedding (see "
+                                              "configs/router_prompts_example.yaml)", metavar="YAML")
+    router_bias_update_rate: float | None = option(None, "sigmoid routers: bias balancing speed gamma (default "
+                                                         f"{DEEPSEEK_V3_BIAS_UPDATE_RATE}, DeepSeek-V3; 0 elsewhere)")
+    router_init_std: float = option(0.02, "std of the random router")
+    expert_noise: float = option(0.0, "relative Gaussian noise per expert; > 0 breaks exactness on purpose")
+    drop_upcycling_ratio: float = option(0.0, "Drop-Upcycling: re-initialise this fraction of each expert's neurons "
+                                              "(paper: 0.5)", flag="--drop-upcycling", metavar="R")
+    dtype: DtypeName = option("auto", "dtype of the written weights (auto: the source's)")
+    max_shard_size: int | str = option("5GB", "largest output shard", reproduce=False)
+    seed: int = option(0, "seed of router and noise initialisation")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of a Hub source")
+    verify: bool = option(False, "compare dense and MoE logits after converting", reproduce=False)
+    overwrite: bool = option(False, "replace an existing OUTPUT that moe-upcycle wrote", reproduce=False)
+    router_aux_loss_coef: float | None = option(None, "load-balancing loss weight (default by router type: "
+                                                      + ", ".join(f"{k} {v[0]}" for k, v in ROUTER_LOSS_DEFAULTS.items())
+                                                      + ")")
+    router_z_loss_coef: float | None = option(None, "router z-loss weight (default by router type: "
+                                                    + ", ".join(f"{k} {v[1]}" for k, v in ROUTER_LOSS_DEFAULTS.items())
+                                                    + ")")
+    router_jitter_noise: float = option(0.0, "router input jitter in training")
 
     def __post_init__(self):
         check_field_types(self)
@@ -187,6 +215,9 @@ class UpcycleOptions:
         if (self.router_prompts is None) == (self.router_init in ("hidden", "embedding")):
             raise _invalid("router_prompts", self.router_prompts,
                            "a YAML file of per-expert prompts exactly when router_init is hidden or embedding")
+        aux, z = ROUTER_LOSS_DEFAULTS[self.router_type]
+        self.router_aux_loss_coef = aux if self.router_aux_loss_coef is None else self.router_aux_loss_coef
+        self.router_z_loss_coef = z if self.router_z_loss_coef is None else self.router_z_loss_coef
         if self.router_bias_update_rate is None:
             self.router_bias_update_rate = DEEPSEEK_V3_BIAS_UPDATE_RATE if self.router_type == "sigmoid" else 0.0
         if not self.router_bias_update_rate >= 0 or (self.router_bias_update_rate and self.router_type != "sigmoid"):
@@ -294,3 +325,55 @@ def resolve_layers(spec: str | Sequence[int], num_layers: int | None) -> list[in
     if num_layers is not None and not indices:
         raise _invalid("layers", spec, "at least one layer")
     return sorted(indices)
+
+
+# -- everything derived from the field declarations -------------------------------------------------------------
+
+def _flag(item) -> str:
+    return item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One command-line flag per :class:`UpcycleOptions` field: type, default and choices from its annotation."""
+    hints = get_type_hints(UpcycleOptions)
+    for item in fields(UpcycleOptions):
+        if item.default is MISSING:
+            continue
+        annotation, default = hints[item.name], item.default
+        help_text = item.metadata["help"] + ("" if default in (None, False) else f" (default {default})")
+        kwargs: dict[str, Any] = dict(dest=item.name, default=default, help=help_text, metavar=item.metadata["metavar"])
+        if annotation is bool:
+            kwargs.pop("metavar")
+            parser.add_argument(_flag(item), action="store_true", **kwargs)
+            continue
+        choices = get_args(annotation) if get_origin(annotation) is Literal else None
+        members = {a for a in (get_args(annotation) or (annotation,)) if a is not type(None)}  # T or T | None
+        kwargs["type"] = members.pop() if len(members) == 1 and choices is None and annotation is not str else str
+        if choices:
+            kwargs.update(choices=choices, metavar=None)
+        parser.add_argument(_flag(item), **kwargs)
+
+
+def options_from_namespace(args: argparse.Namespace) -> UpcycleOptions:
+    return UpcycleOptions(**{item.name: getattr(args, item.name) for item in fields(UpcycleOptions)})
+
+
+def reproduce_flags(recipe: dict[str, Any]) -> list[str]:
+    """The flags that rebuild a conversion from its recorded ``recipe`` (``config.json``'s ``upcycling``): every
+    option that changes what is written and differs from what the defaults would pick for this recipe."""
+    items = [item for item in fields(UpcycleOptions) if item.metadata["reproduce"] and item.name in recipe]
+    values = {item.name: recipe[item.name] for item in items}
+    flags: list[str] = []
+    for item in items:
+        value = values[item.name]
+        if value == item.default or value is None:
+            continue
+        if item.default in (None, "auto"):  # resolved from the others: leave it out when the default resolves to it
+            with suppress(InvalidOptionError):
+                if getattr(UpcycleOptions(**{**values, item.name: item.default}), item.name) == value:
+                    continue
+        if value is True:
+            flags.append(_flag(item))
+        else:
+            flags += [_flag(item), ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return flags
