@@ -80,16 +80,22 @@ def check_output(output: Path, overwrite: bool, inputs: Sequence[str | Path] = (
         raise _output_error(Path(output), err) from None
 
 
-def _check_output(output: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
-    resolved = output.resolve()
+def refuse_inputs(output: Path, inputs: Sequence[str | Path], name: str = "the output", fresh_inside: bool = True) -> None:
+    """Refuse an ``output`` that is or contains one of the command's ``inputs``, or lies inside one (allowed when
+    ``fresh_inside`` and ``output`` does not exist yet: writing a new folder there changes nothing of the input)."""
+    resolved = Path(output).resolve()
     for item in inputs:
         source = Path(item).resolve()
         if _inside(source, resolved):
             what = "is" if source == resolved else "contains"
-            raise OutputExistsError(f"the output {output} {what} the input {item}: write the result to another folder")
-        if _inside(resolved, source) and resolved.exists():
-            raise OutputExistsError(f"the output {output} exists inside the input {item}; replacing it would change the "
-                                    "input: choose a folder outside it")
+            raise OutputExistsError(f"{name} {output} {what} the input {item}: write the result somewhere else")
+        if _inside(resolved, source) and source.is_dir() and (resolved.exists() or not fresh_inside):
+            raise OutputExistsError(f"{name} {output} lies inside the input {item}, which writing there would change: "
+                                    "choose a place outside it")
+
+
+def _check_output(output: Path, overwrite: bool, inputs: Sequence[str | Path]) -> None:
+    refuse_inputs(output, inputs)
     for parent in output.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..convert.output import refuse_inputs
 from ..errors import OutputError, OutputExistsError
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -28,20 +29,6 @@ def _is_write_error(err: OSError, folder: Path) -> bool:
     if err.errno in FULL_ERRNOS:
         return True
     return bool(err.filename) and folder in [Path(err.filename).absolute(), *Path(err.filename).absolute().parents]
-
-
-def refuse_inputs(output: Path, inputs: Iterable[str | Path], flag: str) -> None:
-    """Refuse an output that is, contains or lies inside one of the command's local ``inputs``."""
-    resolved = Path(output).resolve()
-    for item in inputs:
-        source = Path(item).resolve()
-        if source == resolved or resolved in source.parents:
-            what = "is" if source == resolved else "contains"
-            raise OutputExistsError(f"{flag} {output} {what} the input {item}, which the run would change: choose "
-                                    "another place")
-        if source.is_dir() and source in resolved.parents:
-            raise OutputExistsError(f"{flag} {output} lies inside the input {item}, which the run would change: choose "
-                                    "a place outside it")
 
 
 def write_error(output: Path, err: OSError, flag: str) -> OutputError:
@@ -110,7 +97,7 @@ def check_output_file(path: Path, flag: str, inputs: Iterable[str | Path] = ()) 
     try:
         if path.is_dir():
             raise OutputExistsError(f"{flag} {path} is a folder; give a file name such as {path / 'eval.json'}")
-        refuse_inputs(path, inputs, flag)
+        refuse_inputs(path, inputs, flag, fresh_inside=False)
         folder = path.absolute().parent
         existing = next(p for p in [folder, *folder.parents] if p.exists())
         if not existing.is_dir():

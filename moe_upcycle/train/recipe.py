@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
 
 from ..card import write_card
+from ..convert.output import refuse_inputs
 from ..errors import InvalidOptionError
 from ..evaluation import compute_metrics, preprocess_logits_for_metrics
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
@@ -22,7 +23,7 @@ from .args import parse_train_args
 from .callbacks import RouterBiasCallback, RoutingStatsCallback, compact_console_logs
 from .data import load_raw, pack
 from .lora import base_moe_model, prepare_model
-from .outputs import refuse_inputs, run_folder
+from .outputs import run_folder
 from .sources import explained_loading, resolve_model
 
 
@@ -94,7 +95,7 @@ def run_training(argv: Sequence[str] | None = None) -> dict[str, float]:
     # finds from any directory.
     path = resolve_model(model_args.model_name_or_path, "--model_name_or_path")
     inputs = [p for p in (path, data_args.train_file, data_args.validation_file, data_args.dataset_name) if p and Path(p).exists()]
-    refuse_inputs(Path(training_args.output_dir), inputs, "--output_dir")
+    refuse_inputs(Path(training_args.output_dir), inputs, "--output_dir", fresh_inside=False)
     set_seed(training_args.seed)
     with run_folder(Path(training_args.output_dir)) as output:
         metrics, trainer = _train(path, model_args, data_args, moe_args, training_args)
