@@ -43,8 +43,12 @@ class DenseLayout:
 
 def dense_layout(config: PreTrainedConfig, task: Task = "causal_lm") -> DenseLayout:
     """The state-dict layout of the dense ``AutoModelForCausalLM`` (decoders) or ``AutoModel`` (encoders)."""
-    with torch.device("meta"):
-        model = (AutoModelForCausalLM if task == "causal_lm" else AutoModel).from_config(config)
+    try:
+        with torch.device("meta"):
+            model = (AutoModelForCausalLM if task == "causal_lm" else AutoModel).from_config(config)
+    except Exception as err:  # noqa: BLE001 (a config value of the wrong kind fails anywhere in the model's __init__)
+        raise CheckpointError(f"the {config.model_type} config cannot build its model ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:300]}); fix or re-download config.json") from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     transforms = get_model_conversion_mapping(model)
     return DenseLayout(
