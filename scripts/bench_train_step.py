@@ -215,7 +215,7 @@ def report(shape: str, medians: dict[tuple[str, str], tuple[float, float]], args
     ideal = medians.get(("ideal", "default"), (float("nan"),))[0]
     for name in args.arms:
         (wall, cpu), (ftz, _) = medians[(name, "default")], medians[(name, "ftz")]
-        print(f"| {name} | {wall:.3g} | {cpu:.3g} | {ftz:.3g} | {wall / ftz:.2f} | {wall / ideal:.2f} |")
+        print(f"| {name} | {wall:#.3g} | {cpu:#.3g} | {ftz:#.3g} | {wall / ftz:.2f} | {wall / ideal:.2f} |")
     checks = {}
     ours = medians.get(("ours upcycled_default", "default"))
     natives = {n: medians[(n, "default")][0] for n in args.arms if n.startswith("mixtral")}
