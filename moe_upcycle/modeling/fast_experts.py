@@ -16,8 +16,8 @@ chain of gathers, slices and per-expert matmuls:
 - each expert runs one ``mm``/``addmm`` per projection on its rows, writing into preallocated buffers (``out=``:
   BLAS never reads them, ``beta = 0``; tests/test_uninitialised_memory.py checks it); the weight gradients are
   written straight into the [E, out, in] gradient tensors (no transposed copies, no [E, ...] zero-filled
-  per-slice gradients). Whole projections, not column blocks: 512-column blocks (10x the calls) measured the
-  same on a quiet machine but 1.3x the CPU time on 1 thread and 1.7x on 2 threads of a busy one (block
+  per-slice gradients). Whole projections, not column blocks: 512-column blocks (10x the calls) measured 7-9%
+  slower on a quiet machine (1 and 2 threads) and 2x slower on a busy one (load ~4 on 2 cores; forward and
   forward+backward at 1024 tokens, 0.5B shapes);
 - the outputs go back to (token, slot) order with one ``index_select`` and are mixed by the routing weights
   with one ``bmm`` ([T, 1, k] @ [T, k, H]): no one-hot masks, no ``index_add_`` (a slow scatter on CPU);
