@@ -219,33 +219,30 @@ def weight_files(folder: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------ hostile environment
 @contextmanager
-def immutable(path: Path) -> Iterator[None]:
-    """``chattr +i path`` (which stops root too) for the duration; skips the test where the attribute cannot be set."""
+def _while_set(setup: list[str], teardown: list[str], what: str) -> Iterator[None]:
+    """Run ``setup``, yield, run ``teardown``; skip the test where ``setup`` is not allowed here."""
     import pytest
 
-    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    done = subprocess.run(setup, capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()[:100]}")
+        pytest.skip(f"{what} is not available here: {done.stderr.decode().strip()[:100]}")
     try:
         yield
     finally:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        subprocess.run(teardown, capture_output=True)
 
 
-@contextmanager
-def tmpfs(path: Path, size: str = "16k", read_only: bool = False) -> Iterator[None]:
+def immutable(path: Path):
+    """``chattr +i path`` (which stops root too) for the duration; skips the test where the attribute cannot be set."""
+    return _while_set(["chattr", "+i", str(path)], ["chattr", "-i", str(path)], "chattr +i")
+
+
+def tmpfs(path: Path, size: str = "16k", read_only: bool = False):
     """A tmpfs mounted at ``path`` (small for ENOSPC, or read-only for EROFS); skips where mounting is not allowed."""
-    import pytest
-
     path.mkdir(exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:100]}")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    return _while_set(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], ["umount", "-l", str(path)],
+                      "mounting a tmpfs")
 
 
 @contextmanager
