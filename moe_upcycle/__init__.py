@@ -5,33 +5,15 @@
 ``AutoModelForMaskedLM`` and ``AutoModelForSequenceClassification``.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
-
-from .modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from .modeling.modeling_upcycled_moe import (
+from .modeling import (  # registers the upcycled classes with the Auto classes
+    UpcycledMoeConfig,
     UpcycledMoeForCausalLM,
     UpcycledMoeForMaskedLM,
     UpcycledMoeForSequenceClassification,
     UpcycledMoeModel,
     UpcycledSparseMoeBlock,
 )
-
-__version__ = "0.1.0"
-
-AutoConfig.register(UpcycledMoeConfig.model_type, UpcycledMoeConfig, exist_ok=True)
-# ``save_pretrained`` then writes ``auto_map`` and copies the runtime folder's files next to the weights.
-UpcycledMoeConfig.register_for_auto_class()
-for _auto, _model in ((AutoModelForCausalLM, UpcycledMoeForCausalLM), (AutoModel, UpcycledMoeModel),
-                      (AutoModelForMaskedLM, UpcycledMoeForMaskedLM),
-                      (AutoModelForSequenceClassification, UpcycledMoeForSequenceClassification)):
-    _auto.register(UpcycledMoeConfig, _model, exist_ok=True)
-    _model.register_for_auto_class(_auto.__name__)
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .convert.options import reproduce_flags
-from .convert.safetensors_io import SafetensorsCheckpoint
+from .checkpoint import SafetensorsCheckpoint
 from .errors import UpcycleError
 
 
@@ -136,7 +134,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
     base = recipe.get("source", "unknown")
     training, train_command = _training_section(folder)
     # The converter records every option and why the result is not exact; the card reads both, decides nothing.
-    convert_command = shlex.join(["moe-upcycle", "convert", base, "OUTPUT", *reproduce_flags(recipe)])
+    convert_command = recipe.get("reproduce")  # written by the command that made the checkpoint
     inexact = recipe.get("inexact_reasons")  # None: converted before the record existed, exactness unknown
     encoder = "AutoModelForCausalLM" not in (config.get("auto_map") or {"AutoModelForCausalLM": None})
     return _render(

@@ -123,7 +123,7 @@ def _generate(path: Path, tokenizer, inputs) -> str:
 
 def run(workdir: str | Path = "demo_run", finetune_steps: int = 60) -> int:
     """Build the dense model, upcycle it (8 experts, top-2), verify it, fine-tune it with LoRA and compare."""
-    from . import upcycle
+    from .convert import upcycle
     from .train import run_training
     from .train.evaluate_file import evaluate_file
     from .train.merge import merge_to_folder

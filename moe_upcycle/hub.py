@@ -13,6 +13,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoint import PICKLE_SUFFIXES
 from .errors import CheckpointError, InvalidOptionError, SourceNotFoundError
 
 # Config, tokenizer, generation config and safetensors weights; never pickled weights.
@@ -71,7 +72,7 @@ def _refuse_without_safetensors(source: str, revision: str | None) -> None:
         files = HfApi().list_repo_files(source, revision=revision)
     except Exception:  # offline or unreachable: the folder check in the reader will speak
         return
-    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
         raise CheckpointError(
             f"Hub repo {source!r} has only pickled weights ({', '.join(pickled[:3])}); moe-upcycle never unpickles "

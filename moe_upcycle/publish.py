@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .card import CARD_FILE, render_card
-from .convert.safetensors_io import SafetensorsCheckpoint
+from .checkpoint import SafetensorsCheckpoint
 from .errors import UpcycleError
 from .train.sources import adapter_base, explained_loading, read_adapter_config
 
@@ -78,7 +78,7 @@ def _check_moe_config(folder: Path, checkpoint: SafetensorsCheckpoint) -> None:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    import moe_upcycle  # noqa: F401  (registers upcycled_moe)
+    from . import modeling  # noqa: F401  (registers upcycled_moe with AutoConfig)
 
     with explained_loading(str(folder), "its config.json"):
         config = AutoConfig.from_pretrained(folder)

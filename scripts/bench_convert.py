@@ -36,8 +36,8 @@ import torch
 import yaml
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
+from moe_upcycle.checkpoint import PlannedTensor, write_sharded
 from moe_upcycle.convert.plan import dense_layout
-from moe_upcycle.convert.safetensors_io import PlannedTensor, write_sharded
 
 SHAPE = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
              num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False, dtype="bfloat16")

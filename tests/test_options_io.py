@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_upcycle.convert.options import UpcycleOptions, parse_size, resolve_layers
-from moe_upcycle.convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, write_sharded
+from moe_upcycle.checkpoint import PlannedTensor, SafetensorsCheckpoint, parse_size, write_sharded
+from moe_upcycle.convert.options import UpcycleOptions, resolve_layers
 from moe_upcycle.errors import InvalidOptionError
 
 

@@ -20,8 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moe_upcycle
+from moe_upcycle.checkpoint import output
 from moe_upcycle.cli import main
-from moe_upcycle.convert import converter, output
+from moe_upcycle.convert import converter
 from moe_upcycle.errors import InvalidOptionError
 
 from .families import build_dense

@@ -8,6 +8,7 @@ renormalised top-k weights (which sum to 1) the MoE model computes exactly what 
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers.dynamic_module_utils import custom_object_save
 
-from .. import __version__
 from ..adapters import get_adapter
+from ..card import parameter_counts, source_license, write_card
+from ..checkpoint import SafetensorsCheckpoint, atomic_folder, check_output, copy_side_files, read_config, write_sharded
 from ..errors import InvalidOptionError, VerificationError
 from ..hub import resolve_source
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from .options import UpcycleOptions, resolve_layers
-from .output import atomic_folder, check_output, copy_side_files
+from ..version import __version__
+from .options import UpcycleOptions, reproduce_flags, resolve_layers
 from .plan import PlanBuilder, check_against_model
 from .router_data import rows_from_prompts
-from .safetensors_io import SafetensorsCheckpoint, read_config, write_sharded
 from .verify import Comparison, verify_conversion
 
 logger = logging.getLogger("moe_upcycle")
@@ -100,7 +101,6 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             raise InvalidOptionError(str(err)) from None
     elif kwargs:
         raise InvalidOptionError("pass either an UpcycleOptions object or keyword options, not both")
-    from ..card import parameter_counts, source_license, write_card  # card reads checkpoints via this package
 
     start = time.perf_counter()
     output = Path(output)
@@ -137,6 +137,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     recipe = {"method": "sparse_upcycling", "source": str(source), "revision": options.revision,
               "license": source_license(folder), "moe_upcycle_version": __version__, **options.recipe(),
               "inexact_reasons": reasons}
+    recipe["reproduce"] = shlex.join(["moe-upcycle", "convert", str(source), "OUTPUT", *reproduce_flags(recipe)])
     try:
         moe_config = UpcycledMoeConfig(
             text_config=dense_config,

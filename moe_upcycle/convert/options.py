@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
+from ..checkpoint import parse_size
 from ..errors import InvalidOptionError
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -267,24 +268,6 @@ class UpcycleOptions:
         out = {k: v for k, v in asdict(self).items() if k not in skip}
         out["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
         return out
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"`` -> 5_000_000_000; ints pass through. Raises :class:`InvalidOptionError`."""
-    if isinstance(size, int) and size > 0:
-        return size
-    match = _SIZE.match(str(size))
-    if not match:
-        raise _invalid("max_shard_size", size, "a byte count or a size such as 500MB, 5GB, 2GiB")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
-    if value < 1:
-        raise _invalid("max_shard_size", size, "a positive size")
-    return int(value)
 
 
 def resolve_layers(spec: str | Sequence[int], num_layers: int | None) -> list[int]:

@@ -18,12 +18,12 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 
 from ..adapters import ArchitectureAdapter, ExpertTensor
 from ..adapters.base import Task
+from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
 from .diversity import diversify, slice_neurons
 from .options import UpcycleOptions
-from .safetensors_io import PlannedTensor, SafetensorsCheckpoint
 
 MOE_PREFIX = "model."  # UpcycledMoeForCausalLM keeps the dense causal LM under ``self.model``
 
@@ -323,13 +323,5 @@ def check_against_model(plan: list[PlannedTensor], moe_config: UpcycledMoeConfig
     """Raise if the planned names/shapes differ from the MoE model's (built on the meta device); return that model."""
     with torch.device("meta"):
         model = moe_model_class(task)(moe_config)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    tied = set(model.all_tied_weights_keys)
-    planned = {t.name: t.shape for t in plan}
-    missing = [n for n in expected if n not in planned and n not in tied]
-    extra = [n for n in planned if n not in expected]
-    if missing or extra:
-        raise CheckpointError(f"internal error: planned tensors differ from the model (missing {missing[:3]}, extra {extra[:3]})")
-    for name, shape in planned.items():
-        _check_shape(name, shape, expected[name])
+    check_planned(plan, model, "the upcycled model (internal error)")
     return model

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
+from ..checkpoint import SafetensorsCheckpoint
 from ..errors import CheckpointError
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, _ExpertsBase
-from .safetensors_io import SafetensorsCheckpoint
 
 
 def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

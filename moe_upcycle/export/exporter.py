@@ -12,9 +12,17 @@ from pathlib import Path
 
 from transformers import PreTrainedConfig
 
-from ..convert.options import parse_size
-from ..convert.output import atomic_folder, check_output, copy_side_files
-from ..convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint, raw_config, read_config, write_sharded
+from ..checkpoint import (
+    PlannedTensor,
+    SafetensorsCheckpoint,
+    atomic_folder,
+    check_output,
+    copy_side_files,
+    parse_size,
+    raw_config,
+    read_config,
+    write_sharded,
+)
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from .errors import ExportError
 from .native_config import build_native_config

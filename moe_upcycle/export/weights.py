@@ -16,33 +16,12 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..convert.safetensors_io import PlannedTensor, SafetensorsCheckpoint
-from ..errors import CheckpointError
+from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
 from .errors import ExportError
 from .targets import NativeTarget
 
 OUTER_PREFIX = "model."
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
-
-
-def _read(reader: SafetensorsCheckpoint, key: str):
-    """Chunks of source tensor ``key``: expert tensors [E, ...] one expert at a time, others whole."""
-    info = reader.info[key]
-    if len(info.shape) < 3 or info.nbytes == 0:
-        return lambda: iter([reader.get(key)])
-    rows = info.shape[0]
-    step = info.nbytes // rows
-
-    def chunks() -> Iterator[torch.Tensor]:
-        with open(reader.folder / info.shard, "rb") as f:
-            f.seek(info.offset)
-            for _ in range(rows):
-                buffer = bytearray(step)
-                if f.readinto(buffer) != step:
-                    raise CheckpointError(f"{reader.folder / info.shard} ended inside tensor {key!r}; copy it again")
-                yield torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape[1:])
-
-    return chunks
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype):
@@ -70,7 +49,7 @@ def plan_native_tensors(reader: SafetensorsCheckpoint, target: NativeTarget, nat
         name = native_name(key, target)
         if name == "lm_head.weight" and native.tie_word_embeddings:
             continue
-        plan.append(PlannedTensor(name, info.dtype, info.shape, _read(reader, key)))
+        plan.append(PlannedTensor(name, info.dtype, info.shape, lambda key=key: reader.iter_rows(key)))
         router = _ROUTER.match(key[len(OUTER_PREFIX):])
         if router and target.extra_tensors:
             prefix = f"model.layers.{router.group(1)}.{target.moe_module}."
@@ -95,20 +74,8 @@ def meta_model(native: PreTrainedConfig, target: NativeTarget) -> PreTrainedMode
 def check_against_native(plan: list[PlannedTensor], native: PreTrainedConfig, target: NativeTarget) -> None:
     """Raise :class:`ExportError` unless ``plan`` has exactly the native model's tensors, names and shapes."""
     model = meta_model(native, target)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = set(model.all_tied_weights_keys) if native.tie_word_embeddings else set()
-    planned = {t.name: tuple(t.shape) for t in plan}
-    if len(planned) != len(plan):
-        raise ExportError("the checkpoint maps two tensors onto the same native name")
-    missing = sorted(n for n in expected if n not in planned and n not in tied)
-    extra = sorted(n for n in planned if n not in expected)
-    if missing or extra:
-        raise ExportError(f"the checkpoint's tensors do not match {target.architecture}: {len(missing)} missing "
-                          f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}; is the checkpoint complete and its "
-                          "config.json the one it was saved with?")
-    wrong = [f"{n} {list(s)} (expected {list(expected[n])})" for n, s in planned.items() if s != expected[n]]
-    if wrong:
-        raise ExportError(f"{len(wrong)} tensor(s) have the wrong shape for {target.architecture}: {'; '.join(wrong[:3])}")
+    check_planned(plan, model, target.architecture, ExportError, tied=tied)
 
 
 __all__ = ["check_against_native", "meta_model", "native_name", "plan_native_tensors"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ..convert.output import atomic_folder, check_output
+from ..checkpoint import atomic_folder, check_output
 from .lora import merge_adapter
 from .outputs import write_errors
 from .sources import ADAPTER_CONFIG, adapter_base, explained_loading, read_adapter_config

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..convert.output import refuse_inputs
+from ..checkpoint import refuse_inputs
 from ..errors import OutputError, OutputExistsError
 
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
 
 from ..card import write_card
-from ..convert.output import refuse_inputs
+from ..checkpoint import refuse_inputs
 from ..errors import InvalidOptionError
 from ..evaluation import compute_metrics, preprocess_logits_for_metrics
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM

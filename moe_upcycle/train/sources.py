@@ -12,7 +12,7 @@ from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 
-from ..convert.safetensors_io import SafetensorsCheckpoint
+from ..checkpoint import SafetensorsCheckpoint
 from ..errors import CheckpointError, InvalidOptionError, SourceNotFoundError
 
 

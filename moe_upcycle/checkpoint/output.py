@@ -29,6 +29,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import OutputError, OutputExistsError
+from .formats import PICKLE_SUFFIXES, SAFE_INDEX
 
 try:  # POSIX; elsewhere stale folders are left for the user
     import fcntl
@@ -274,9 +275,8 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".onnx", ".gguf",
-                        ".py", ".pyc")
-_NOT_COPIED = {"config.json", "README.md", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+_NOT_COPIED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".h5", ".msgpack", ".onnx", ".gguf", ".py", ".pyc")
+_NOT_COPIED = {"config.json", "README.md", SAFE_INDEX, "pytorch_model.bin.index.json",
                "trainer_state.json", "training_recipe.json", "eval_results.json", "train_results.json",
                "all_results.json", "expert_load.json", "expert_load.png", MARKER}
 

@@ -1,9 +1,7 @@
-"""Streaming safetensors I/O: a lazy checkpoint reader and a writer that never holds a whole shard.
+"""Lazy, checked reads of (possibly sharded) safetensors checkpoints and their config.json.
 
-The writer is given the full plan (name, dtype, shape of every tensor) up front, writes each shard's
-header first and then streams tensor bytes in chunks (for experts: one expert at a time), so peak memory
-is one source tensor plus one expert slice, whatever the model or shard size.
-Format: https://huggingface.co/docs/safetensors (8-byte little-endian header length, JSON header, data).
+Every shard header is validated when a checkpoint is opened, so a damaged download fails before anything
+is written; tensor data is read on demand with plain reads (never a memory map of a whole shard).
 """
 
 from __future__ import annotations
@@ -12,25 +10,14 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-_MAX_HEADER = 100 * 1024 * 1024
-
-DTYPE_TO_SAFE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-SAFE_TO_DTYPE = {v: k for k, v in DTYPE_TO_SAFE.items()}
+from .formats import MAX_HEADER, PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE, SAFE_TO_DTYPE
 
 
 @dataclass(frozen=True)
@@ -77,7 +64,7 @@ def read_header(path: Path) -> dict:
         size = path.stat().st_size
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > min(size - 8, _MAX_HEADER):
+            if length > min(size - 8, MAX_HEADER):
                 raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
@@ -154,7 +141,7 @@ class SafetensorsCheckpoint:
         found = sorted(p.name for p in self.folder.glob("*.safetensors") if p.is_file())
         if found:
             return found
-        pickled = sorted({p.name for pattern in PICKLE_PATTERNS for p in self.folder.glob(pattern)})
+        pickled = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise CheckpointError(
                 f"{self.folder} has only pickled weights ({', '.join(pickled)}); moe-upcycle never unpickles files. "
@@ -186,6 +173,22 @@ class SafetensorsCheckpoint:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
+    def iter_rows(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` one leading-dimension slice at a time (an expert tensor [E, ...] one expert at a time),
+        so that copying it never holds more than one slice; tensors of fewer than 3 dimensions come whole."""
+        info = self.info[name]
+        if len(info.shape) < 3 or info.nbytes == 0:
+            yield self.get(name)
+            return
+        step = info.nbytes // info.shape[0]
+        with open(self.folder / info.shard, "rb") as f:
+            f.seek(info.offset)
+            for _ in range(info.shape[0]):
+                buffer = bytearray(step)
+                if f.readinto(buffer) != step:
+                    raise CheckpointError(f"{self.folder / info.shard} ended inside tensor {name!r}; download or copy it again")
+                yield torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape[1:])
+
     def __enter__(self) -> SafetensorsCheckpoint:
         return self
 
@@ -196,83 +199,3 @@ class SafetensorsCheckpoint:
         if self._open_file is not None:
             self._open_file.close()
             self._open_file, self._open_name = None, None
-
-
-@dataclass
-class PlannedTensor:
-    """One output tensor: its name, dtype, shape and a function producing its data in chunks.
-
-    ``chunks()`` yields contiguous tensors of ``dtype`` whose concatenation (in row-major order) is the
-    whole tensor; their total size must equal ``numel * itemsize``.
-    """
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    chunks: Callable[[], Iterable[torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Greedy split, in order, into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return shards
-
-
-def _header_bytes(tensors: list[PlannedTensor]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": DTYPE_TO_SAFE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _write_tensor(f, tensor: PlannedTensor, progress: Callable[[int], None]) -> None:
-    written = 0
-    for chunk in tensor.chunks():
-        if chunk.dtype != tensor.dtype:
-            raise CheckpointError(f"internal error: {tensor.name} chunk has dtype {chunk.dtype}, planned {tensor.dtype}")
-        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-        f.write(memoryview(data))
-        written += data.nbytes
-        progress(data.nbytes)
-    if written != tensor.nbytes:
-        raise CheckpointError(f"internal error: wrote {written} bytes for {tensor.name}, planned {tensor.nbytes}")
-
-
-def write_sharded(
-    folder: Path, tensors: list[PlannedTensor], max_shard_bytes: int, progress: Callable[[int], None] = lambda n: None
-) -> list[str]:
-    """Write ``tensors`` as ``model.safetensors`` or ``model-XXXXX-of-YYYYY.safetensors`` plus the index.
-
-    Returns the shard file names.
-    """
-    shards = plan_shards(tensors, max_shard_bytes)
-    names = [SAFE_SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        with open(folder / name, "wb") as f:
-            f.write(_header_bytes(shard))
-            for tensor in shard:
-                _write_tensor(f, tensor, progress)
-                weight_map[tensor.name] = name
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
-
