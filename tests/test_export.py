@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moe_upcycle
+from moe_upcycle.commands.export import add as add_export_subcommand
 from moe_upcycle.convert.verify import fixed_batch
 from moe_upcycle.errors import OutputExistsError, UpcycleError
-from moe_upcycle.export import NATIVE_TARGETS, ExportError, add_export_subcommand, export_native
+from moe_upcycle.export import NATIVE_TARGETS, ExportError, export_native
 
 from .families import VOCAB, build_dense
 

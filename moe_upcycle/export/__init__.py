@@ -5,10 +5,8 @@ GraniteMoE), so that stock ``AutoModelForCausalLM.from_pretrained`` loads it wit
 :class:`ExportError` before anything is written.
 """
 
-from .cli import add_export_subcommand
 from .errors import ExportError
 from .exporter import ExportResult, export_native
 from .targets import NATIVE_TARGETS, TARGET_CHOICES, NativeTarget
 
-__all__ = ["NATIVE_TARGETS", "TARGET_CHOICES", "ExportError", "ExportResult", "NativeTarget", "add_export_subcommand",
-           "export_native"]
+__all__ = ["NATIVE_TARGETS", "TARGET_CHOICES", "ExportError", "ExportResult", "NativeTarget", "export_native"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from .targets import TARGET_CHOICES
+from ..export.targets import TARGET_CHOICES
 
 
-def add_export_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``export`` on ``subparsers`` (of ``moe-upcycle``); its ``func`` prints a summary and notes, returns 0."""
     p = subparsers.add_parser(
         "export", help="export an upcycled checkpoint to its native Transformers MoE class (Mixtral, Qwen2-MoE, ...)",
@@ -20,14 +20,14 @@ def add_export_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--to", default="auto", choices=TARGET_CHOICES, help="native target (default auto: the source family's twin)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUTPUT")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.set_defaults(func=run_export)
+    p.set_defaults(func=run)
     return p
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``export_native`` with the parsed flags and print its one-line summary, then its notes (what the native
     class does differently, e.g. router losses it does not carry over)."""
-    from .exporter import export_native
+    from ..export import export_native
 
     result = export_native(args.folder, args.output, to=args.to, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(result.summary())
@@ -35,5 +35,3 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     return 0
 
-
-__all__ = ["add_export_subcommand", "run_export"]

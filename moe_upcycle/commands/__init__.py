@@ -1,0 +1,11 @@
+"""One module per ``moe-upcycle`` subcommand: each declares ``add(subparsers)`` (its flags, ``func`` = its runner).
+
+``COMMANDS`` is the order ``moe-upcycle --help`` lists them in; a new subcommand is one module and one entry here.
+``train`` parses its own flags with ``HfArgumentParser`` and is dispatched before argparse (see ``cli.main``).
+"""
+
+from . import convert, demo, evaluate, export, merge, push, train
+
+COMMANDS = (convert, train, merge, evaluate, push, export, demo)
+
+__all__ = ["COMMANDS"]
