@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import SafetensorsCheckpoint
 from .errors import UpcycleError
+from .modeling.routers import ROUTERS
 
 
 def _templates_dir() -> Path:
@@ -107,13 +108,6 @@ def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, lib
     )
 
 
-ROUTER_TEXT = {
-    "topk_renorm": "softmax, top-k, weights renormalised to sum to 1 (Mixtral)",
-    "softmax_topk": "softmax over all experts, top-k without renormalisation; routed experts scaled by E x G_r / k "
-                    "(He et al. 2024)",
-    "sigmoid": "sigmoid scores, top-k of score + balancing bias, selected scores renormalised; bias updated after "
-               "every step (auxiliary-loss-free balancing, DeepSeek-V3)",
-}
 def render_card(folder: str | Path, repo_id: str | None = None, location: str | None = None) -> ModelCard:
     """Render the card of an upcycled model folder (converted, merged or fully fine-tuned).
 
@@ -154,7 +148,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
         expert_noise=recipe.get("expert_noise", 0.0),
         drop_ratio=recipe.get("drop_upcycling_ratio", 0.0),
         router_init_std=config.get("router_init_std"),
-        router=ROUTER_TEXT[config.get("router_type", "topk_renorm")],
+        router=ROUTERS[config.get("router_type", "topk_renorm")].summary,
         router_init=recipe.get("router_init", "random"),
         granularity=recipe.get("granularity", 1),
         shared_width=config.get("shared_expert_intermediate_size", 0),

@@ -15,22 +15,16 @@ import torch
 
 from ..checkpoint import parse_size
 from ..errors import InvalidOptionError
+from ..modeling.configuration_upcycled_moe import RouterType
+from ..modeling.routers import ROUTER_TYPES, ROUTERS
+from .routers import ROUTER_RECIPES
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
-RouterType = Literal["topk_renorm", "softmax_topk", "sigmoid"]
-ROUTER_TYPES: tuple[str, ...] = ("topk_renorm", "softmax_topk", "sigmoid")
 RouterInit = Literal["auto", "random", "zero", "hidden", "embedding"]
 ROUTER_INITS: tuple[str, ...] = ("auto", "random", "zero", "hidden", "embedding")
-DEEPSEEK_V3_BIAS_UPDATE_RATE = 0.001  # gamma of DeepSeek-V3's auxiliary-loss-free balancing
-# Default (load-balancing, z-loss) weights by router type. Softmax routers: Switch / ST-MoE values. Sigmoid routers
-# balance by their selection bias (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2), keep only a tiny balance loss
-# (alpha = 1e-4, the paper's sequence-wise weight; ours is batch-wise) and no z-loss (it bounds softmax logits).
-ROUTER_LOSS_DEFAULTS: dict[str, tuple[float, float]] = {
-    "topk_renorm": (0.01, 0.001), "softmax_topk": (0.01, 0.001), "sigmoid": (1e-4, 0.0),
-}
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
 
 
@@ -98,13 +92,15 @@ class UpcycleOptions:
         shared_experts: S, slices of width I/G that become one always-on shared expert (DeepSeekMoE / Qwen-MoE).
         shared_expert_gate: scale the shared expert by ``sigmoid(x @ w)`` (Qwen2-MoE); w starts at 0 and the
             shared expert's output projection is doubled, so the model stays exact.
-        router_type: ``topk_renorm`` (Mixtral), ``softmax_topk`` (no renormalisation; experts scaled by
-            E x G_r / k, He et al. 2024) or ``sigmoid`` (DeepSeek-V3 with auxiliary-loss-free bias balancing).
+        router_type: a router kind of ``modeling/routers.py`` (``topk_renorm`` Mixtral, ``softmax_topk``,
+            ``sigmoid`` DeepSeek-V3); its row in ``convert/routers.py`` says how experts are scaled to stay exact.
         router_init: ``random`` (normal, ``router_init_std``; rows shared within a virtual group), ``zero``,
             ``hidden`` / ``embedding`` (rows from per-expert prompts, see ``router_prompts``), or ``auto``:
-            ``zero`` for ``softmax_topk`` without slicing (the only exact choice there), else ``random``.
+            the router kind's exact initialisation where it has one (``zero`` for ``softmax_topk`` without slicing),
+            else ``random``.
         router_prompts: YAML file of per-expert prompts for ``router_init`` ``hidden`` / ``embedding``.
-        router_bias_update_rate: DeepSeek-V3's gamma for ``sigmoid`` routers (default 0.001); 0 elsewhere.
+        router_bias_update_rate: balancing speed gamma of routers with a bias (``sigmoid``: DeepSeek-V3's 0.001);
+            0 elsewhere.
         layers: which decoder layers get a MoE block; see :func:`resolve_layers`.
         router_init_std: std of the random router. Must be > 0: an all-zero router ties and sends every
             token to the same k experts.
@@ -132,14 +128,15 @@ class UpcycleOptions:
     shared_experts: int = option(0, "slices (of G) that form an always-on shared expert (DeepSeekMoE / Qwen-MoE)",
                                  metavar="S")
     shared_expert_gate: bool = option(False, "sigmoid-gate the shared expert (Qwen2-MoE)")
-    router_type: RouterType = option("topk_renorm", "topk_renorm (Mixtral), softmax_topk (no renormalisation, experts "
-                                                    "scaled), sigmoid (DeepSeek-V3, auxiliary-loss-free bias balancing)")
+    router_type: RouterType = option("topk_renorm", ", ".join(f"{kind} ({cls.label})" for kind, cls in ROUTERS.items()))
     router_init: RouterInit = option("auto", "router initialisation; hidden/embedding read --router-prompts (auto: zero "
                                              "for softmax_topk without slices, else random)")
     router_prompts: str | None = option(None, "per-expert prompts for --router-init hidden|embedding (see "
                                               "configs/router_prompts_example.yaml)", metavar="YAML")
-    router_bias_update_rate: float | None = option(None, "sigmoid routers: bias balancing speed gamma (default "
-                                                         f"{DEEPSEEK_V3_BIAS_UPDATE_RATE}, DeepSeek-V3; 0 elsewhere)")
+    router_bias_update_rate: float | None = option(None, "routers with a balancing bias: its speed gamma (default "
+                                                         + ", ".join(f"{kind} {cls.default_bias_update_rate}" for kind, cls
+                                                                     in ROUTERS.items() if cls.balancing_bias)
+                                                         + "; 0 elsewhere)")
     router_init_std: float = option(0.02, "std of the random router")
     expert_noise: float = option(0.0, "relative Gaussian noise per expert; > 0 breaks exactness on purpose")
     drop_upcycling_ratio: float = option(0.0, "Drop-Upcycling: re-initialise this fraction of each expert's neurons "
@@ -151,10 +148,10 @@ class UpcycleOptions:
     verify: bool = option(False, "compare dense and MoE logits after converting", reproduce=False)
     overwrite: bool = option(False, "replace an existing OUTPUT that moe-upcycle wrote", reproduce=False)
     router_aux_loss_coef: float | None = option(None, "load-balancing loss weight (default by router type: "
-                                                      + ", ".join(f"{k} {v[0]}" for k, v in ROUTER_LOSS_DEFAULTS.items())
+                                                      + ", ".join(f"{k} {c.aux_loss_coef}" for k, c in ROUTERS.items())
                                                       + ")")
     router_z_loss_coef: float | None = option(None, "router z-loss weight (default by router type: "
-                                                    + ", ".join(f"{k} {v[1]}" for k, v in ROUTER_LOSS_DEFAULTS.items())
+                                                    + ", ".join(f"{k} {c.z_loss_coef}" for k, c in ROUTERS.items())
                                                     + ")")
     router_jitter_noise: float = option(0.0, "router input jitter in training")
 
@@ -207,23 +204,25 @@ class UpcycleOptions:
             raise _invalid("router_type", self.router_type, f"one of {', '.join(ROUTER_TYPES)}")
         if self.router_init not in ROUTER_INITS:
             raise _invalid("router_init", self.router_init, f"one of {', '.join(ROUTER_INITS)}")
+        router = ROUTERS[self.router_type]
         if self.router_init == "auto":
-            zero = self.router_type == "softmax_topk" and routed == 1
-            self.router_init = "zero" if zero else "random"
+            self.router_init = ROUTER_RECIPES[self.router_type].default_init(routed)
         if self.router_init == "zero" and routed > 1:
             raise _invalid("router_init", "zero", "random, hidden or embedding when experts are slices: tied router "
                            "logits would select incomplete virtual groups")
         if (self.router_prompts is None) == (self.router_init in ("hidden", "embedding")):
             raise _invalid("router_prompts", self.router_prompts,
                            "a YAML file of per-expert prompts exactly when router_init is hidden or embedding")
-        aux, z = ROUTER_LOSS_DEFAULTS[self.router_type]
-        self.router_aux_loss_coef = aux if self.router_aux_loss_coef is None else self.router_aux_loss_coef
-        self.router_z_loss_coef = z if self.router_z_loss_coef is None else self.router_z_loss_coef
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = router.aux_loss_coef
+        if self.router_z_loss_coef is None:
+            self.router_z_loss_coef = router.z_loss_coef
         if self.router_bias_update_rate is None:
-            self.router_bias_update_rate = DEEPSEEK_V3_BIAS_UPDATE_RATE if self.router_type == "sigmoid" else 0.0
-        if not self.router_bias_update_rate >= 0 or (self.router_bias_update_rate and self.router_type != "sigmoid"):
+            self.router_bias_update_rate = router.default_bias_update_rate
+        if not self.router_bias_update_rate >= 0 or (self.router_bias_update_rate and not router.balancing_bias):
             raise _invalid("router_bias_update_rate", self.router_bias_update_rate,
-                           "a number >= 0, and 0 unless router_type is sigmoid")
+                           "a number >= 0, and 0 unless router_type is "
+                           + " or ".join(kind for kind, cls in ROUTERS.items() if cls.balancing_bias))
 
     @property
     def routed_slices(self) -> int:
@@ -232,15 +231,8 @@ class UpcycleOptions:
 
     @property
     def expert_scale(self) -> float:
-        """Factor on the routed experts' output projections that keeps the block exact (He et al. 2024, sec. 3).
-
-        Renormalised weights of one virtual group sum to 1/G_r per slice, so slices are scaled by G_r; without
-        renormalisation a uniform router gives each of the k selected experts 1/E, so they are scaled by
-        E x G_r / k (exact only for a uniform router and G_r = 1).
-        """
-        if self.router_type == "softmax_topk":
-            return self.num_experts * self.routed_slices / self.top_k
-        return float(self.routed_slices)
+        """Factor on the routed experts' output projections that keeps the block exact (see the router kind's row)."""
+        return ROUTER_RECIPES[self.router_type].expert_scale(self.num_experts, self.top_k, self.routed_slices)
 
     def inexact_reasons(self) -> list[str]:
         """Why this recipe does not reproduce the dense model exactly (empty when it does)."""
@@ -249,8 +241,9 @@ class UpcycleOptions:
             reasons.append(f"expert_noise={self.expert_noise}")
         if self.drop_upcycling_ratio:
             reasons.append(f"drop_upcycling_ratio={self.drop_upcycling_ratio}")
-        if self.router_type == "softmax_topk" and self.router_init != "zero":
-            reasons.append(f"router_type=softmax_topk with router_init={self.router_init} (only a uniform router is exact)")
+        router = ROUTER_RECIPES[self.router_type].inexact_reason(self.router_init)
+        if router:
+            reasons.append(router)
         return reasons
 
     @property

@@ -22,6 +22,7 @@ from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
+from ..modeling.routers import ROUTERS
 from .diversity import diversify, slice_neurons
 from .options import UpcycleOptions
 
@@ -261,7 +262,7 @@ class PlanBuilder:
 
         prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}gate."
         planned = [PlannedTensor(prefix + "weight", dtype, (options.num_experts, hidden), chunks)]
-        if options.router_type == "sigmoid":
+        if ROUTERS[options.router_type].balancing_bias:
             shape = (options.num_experts,)
             planned.append(PlannedTensor(prefix + "e_score_correction_bias", torch.float32, shape,
                                          lambda: [torch.zeros(shape, dtype=torch.float32)]))

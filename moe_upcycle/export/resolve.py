@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
+from ..modeling.routers import ROUTERS
 from .errors import ExportError
 from .targets import NATIVE_TARGETS, TARGET_CHOICES, NativeTarget
 
@@ -74,7 +75,7 @@ def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget) -> str | N
         return f"{target.label} experts are gated and unbiased; these are expert_kind={config.expert_kind!r}, " \
                f"expert_bias={config.expert_bias}"
     router_type = getattr(config, "router_type", "topk_renorm")
-    if router_type != "topk_renorm":
+    if not ROUTERS[router_type].mixtral_compatible:
         return f"{target.label} routers renormalise the softmax top-k weights; this checkpoint's router_type is {router_type!r}"
     if getattr(config, "shared_expert_intermediate_size", 0):
         return "this checkpoint has a shared expert, which the export does not map (keep the upcycled class)"

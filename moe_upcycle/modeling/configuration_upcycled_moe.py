@@ -12,10 +12,11 @@ from typing import Any, ClassVar, Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .routers import ROUTER_TYPES, ROUTERS
+
 ExpertKind = Literal["glu", "mlp"]
 EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")
-RouterType = Literal["topk_renorm", "softmax_topk", "sigmoid"]
-ROUTER_TYPES: tuple[str, ...] = ("topk_renorm", "softmax_topk", "sigmoid")
+RouterType = Literal[ROUTER_TYPES]  # the keys of the routers table
 
 
 class UpcycledMoeConfig(PreTrainedConfig):
@@ -45,12 +46,9 @@ class UpcycledMoeConfig(PreTrainedConfig):
         router_aux_loss_coef: weight of the Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4).
         router_z_loss_coef: weight of the ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
         router_jitter_noise: multiplicative uniform noise ``U(1-eps, 1+eps)`` on router inputs in training.
-        router_type: how router logits become expert weights:
-            ``"topk_renorm"`` -- softmax, top-k, weights renormalised to sum to 1 (Mixtral);
-            ``"softmax_topk"`` -- softmax over all experts, top-k, no renormalisation (Switch / GShard;
-            exact upcycling then needs the weight scaling of He et al. 2024, arXiv 2410.07524, done by the converter);
-            ``"sigmoid"`` -- sigmoid scores, top-k of score + a balancing bias, selected scores renormalised
-            (DeepSeek-V3, arXiv 2412.19437, section 2.1.2).
+        router_type: how router logits become expert weights, a key of ``routers.ROUTERS``: ``"topk_renorm"``
+            (Mixtral), ``"softmax_topk"`` (Switch / GShard, no renormalisation) or ``"sigmoid"`` (DeepSeek-V3);
+            each router class documents its rule.
         router_bias_update_rate: DeepSeek-V3's auxiliary-loss-free balancing speed gamma (``sigmoid`` routers
             only): after every optimizer step each expert's selection bias moves by ``gamma`` towards balance
             (``RouterBiasCallback``). 0 keeps the bias fixed.
@@ -129,8 +127,9 @@ class UpcycledMoeConfig(PreTrainedConfig):
         _check(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"one of {ROUTER_TYPES}")
         rate = self.router_bias_update_rate
         _check(isinstance(rate, (int, float)) and rate >= 0, "router_bias_update_rate", rate, "a number >= 0")
-        _check(rate == 0 or self.router_type == "sigmoid", "router_bias_update_rate", rate,
-               "0 unless router_type='sigmoid' (the balancing bias belongs to sigmoid routers)")
+        with_bias = [kind for kind, router in ROUTERS.items() if router.balancing_bias]
+        _check(rate == 0 or self.router_type in with_bias, "router_bias_update_rate", rate,
+               f"0 unless router_type is one of {with_bias} (routers with a balancing bias)")
         width = self.shared_expert_intermediate_size
         _check(isinstance(width, int) and width >= 0, "shared_expert_intermediate_size", width, "an integer >= 0")
         _check(width > 0 or not self.shared_expert_gate, "shared_expert_gate", self.shared_expert_gate,

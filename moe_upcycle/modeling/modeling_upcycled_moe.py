@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import (
@@ -37,6 +36,7 @@ from transformers.models.auto.modeling_auto import (
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .fast_experts import sorted_experts_forward
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
+from .routers import ROUTERS, Router
 
 
 def default_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -55,66 +55,6 @@ ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_f
 
 # The KV cache field of model outputs: ``cache`` from Transformers 5.24, ``past_key_values`` before.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-class UpcycledMoeRouter(nn.Module):
-    """Router ``weight`` [E, H] computed in float32; ``config.router_type`` picks the scoring rule.
-
-    - ``topk_renorm`` (Mixtral): ``w = topk(softmax(x W^T)) / sum(topk(...))``. The weights sum to 1, so with
-      every expert an exact copy of the dense MLP the block computes exactly what the dense MLP did.
-    - ``softmax_topk`` (Switch, GShard): ``w = topk(softmax(x W^T))`` without renormalisation; the selected
-      weights sum to less than 1, which the converter compensates by scaling the experts (He et al. 2024).
-    - ``sigmoid`` (DeepSeek-V3 eq. 15-16): scores ``s = sigmoid(x W^T)``; experts are chosen by
-      ``topk(s + b)`` with a per-expert bias ``b`` that only steers selection, and ``w = s_sel / sum(s_sel)``.
-      ``b`` (buffer ``e_score_correction_bias``) is moved towards balance by :meth:`update_bias`
-      (auxiliary-loss-free load balancing); routed token counts since the last update are kept in
-      ``tokens_per_expert``.
-
-    ``forward`` returns the *selection scores* first: the logits for softmax routers, ``s + b`` for sigmoid
-    routers. Their top-k is the routing, so load statistics and the balancing loss read the real assignment.
-    """
-
-    def __init__(self, config: UpcycledMoeConfig):
-        super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.num_experts = config.num_experts
-        self.hidden_dim = config.text_config.hidden_size
-        self.router_type = config.router_type
-        self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
-        nn.init.normal_(self.weight, std=config.router_init_std)
-        if self.router_type == "sigmoid":
-            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-            self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden_states [T, H] -> (selection scores [T, E] float32, weights [T, k] float32, indices [T, k])."""
-        router_logits = F.linear(hidden_states.float(), self.weight.float())  # [T, E]
-        if self.router_type == "sigmoid":
-            scores = torch.sigmoid(router_logits)
-            selection = scores + self.e_score_correction_bias.float()
-            top_indices = torch.topk(selection, self.top_k, dim=-1).indices  # [T, k]
-            top_weights = scores.gather(-1, top_indices)
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-            if self.training:
-                self.tokens_per_expert += torch.bincount(top_indices.reshape(-1), minlength=self.num_experts)
-            return selection, top_weights, top_indices
-        probs = torch.softmax(router_logits, dim=-1)
-        top_weights, top_indices = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.router_type == "topk_renorm":
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        return router_logits, top_weights, top_indices
-
-    @torch.no_grad()
-    def update_bias(self, rate: float) -> None:
-        """``b_i += rate * sign(mean load - load_i)`` from the tokens routed since the last call, then reset.
-
-        Overloaded experts become less likely to be chosen, underloaded ones more (DeepSeek-V3, section
-        2.1.2). Call once per optimizer step, after summing ``tokens_per_expert`` across processes.
-        """
-        load = self.tokens_per_expert
-        if load.sum() > 0:
-            self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
-        load.zero_()
 
 
 class _ExpertsBase(nn.Module):
@@ -225,13 +165,14 @@ class UpcycledSparseMoeBlock(nn.Module):
     """Drop-in replacement of a dense MLP: route each token to k of E experts and mix their outputs.
 
     ``y = sum_{e in topk(x)} w_e(x) * expert_e(x) [+ g(x) * shared(x)]`` with ``w`` from the router
-    (:class:`UpcycledMoeRouter`) and ``g(x) = sigmoid(x @ shared_expert_gate^T)`` or 1.
+    (a :class:`~.routers.Router` of the configured kind) and ``g(x) = sigmoid(x @ shared_expert_gate^T)`` or 1.
     """
 
     def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None):
         super().__init__()
         self.jitter_noise = config.router_jitter_noise
-        self.gate = UpcycledMoeRouter(config)
+        self.gate = ROUTERS[config.router_type](config.num_experts, config.text_config.hidden_size,
+                                                config.num_experts_per_tok, config.router_init_std)
         self.experts = experts_class(config)(config, act_fn)
         self.shared_expert = UpcycledSharedExpert(config, act_fn) if config.shared_expert_intermediate_size else None
         hidden = config.text_config.hidden_size
@@ -317,7 +258,7 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """Also zero the sigmoid routers' buffers that ``from_pretrained`` did not load.
+        """Also initialise the router buffers that ``from_pretrained`` did not load (a sigmoid router's bias and counts).
 
         Loading materialises non-persistent buffers (``tokens_per_expert``) with ``empty_like`` and leaves their
         initialisation to ``_init_weights``; the routers sit inside the dense subtree, whose family
@@ -325,9 +266,8 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         """
         super().initialize_weights()
         for module in self.modules():
-            if isinstance(module, UpcycledMoeRouter) and module.router_type == "sigmoid":
-                init.zeros_(module.tokens_per_expert)
-                init.zeros_(module.e_score_correction_bias)
+            if isinstance(module, Router):
+                module.reset_buffers()
 
     def _install_experts(self) -> None:
         """Swap the MoE blocks into the dense ``self.model`` and finish initialisation (end of every ``__init__``)."""
@@ -350,16 +290,16 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         return self.routing_stats
 
     def update_router_biases(self) -> None:
-        """One auxiliary-loss-free balancing step for sigmoid routers (see :meth:`UpcycledMoeRouter.update_bias`).
+        """One auxiliary-loss-free balancing step for sigmoid routers (see :meth:`~.routers.SigmoidRouter.update_bias`).
 
         Call after every optimizer step (``RouterBiasCallback`` does). Routers are found in the module tree, so
         copies made by wrappers (PEFT ``modules_to_save``) are updated too; token counts are summed over all
         processes first, so every replica applies the same update.
         """
         rate = self.config.router_bias_update_rate
-        if self.config.router_type != "sigmoid" or rate <= 0:
+        if not ROUTERS[self.config.router_type].balancing_bias or rate <= 0:
             return
-        routers = [m for m in self.modules() if isinstance(m, UpcycledMoeRouter)]
+        routers = [m for m in self.modules() if isinstance(m, Router)]
         counts = torch.stack([router.tokens_per_expert for router in routers])  # [routers, E]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
@@ -542,7 +482,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Head weights missing from the checkpoint (a fresh classifier, an MLM head's bias) are initialised
         as the dense family initialises them; routers and experts keep their constructor initialisation."""
-        if not isinstance(module, (UpcycledMoeRouter, _ExpertsBase)):
+        if not isinstance(module, (Router, _ExpertsBase)):
             self._dense_head._init_weights(module)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -581,7 +521,6 @@ __all__ = [
     "UpcycledMoeForCausalLM",
     "UpcycledMoePreTrainedModel",
     "UpcycledSparseMoeBlock",
-    "UpcycledMoeRouter",
     "UpcycledSharedExpert",
     "UpcycledGluExperts",
     "UpcycledGluBiasExperts",
