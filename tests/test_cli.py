@@ -12,7 +12,7 @@ from moe_upcycle.cli import build_parser, main
 
 from .families import build_dense
 
-SUBCOMMANDS = ("convert", "train", "merge", "evaluate", "push", "export", "demo")
+SUBCOMMANDS = ("convert", "train", "merge", "evaluate", "analyze", "push", "export", "demo")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -49,6 +49,7 @@ def test_every_flag_takes_both_spellings():
     (["convert", "a", "b", "--router_init_std", "0.1"], "router_init_std", 0.1),
     (["push", "f", "o/r", "--dry_run", "--commit_message", "m"], "commit_message", "m"),
     (["export", "a", "b", "--max_shard_size", "1GB"], "max_shard_size", "1GB"),
+    (["analyze", "m", "--data", "a=x.txt", "--max-tokens", "64", "--data", "b=y.txt"], "data", ["a=x.txt", "b=y.txt"]),
 ])
 def test_both_spellings_parse(argv, dest, value):
     assert getattr(build_parser().parse_args(argv), dest) == value

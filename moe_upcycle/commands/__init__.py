@@ -4,8 +4,8 @@
 ``train`` parses its own flags with ``HfArgumentParser`` and is dispatched before argparse (see ``cli.main``).
 """
 
-from . import convert, demo, evaluate, export, merge, push, train
+from . import analyze, convert, demo, evaluate, export, merge, push, train
 
-COMMANDS = (convert, train, merge, evaluate, push, export, demo)
+COMMANDS = (convert, train, merge, evaluate, analyze, push, export, demo)
 
 __all__ = ["COMMANDS"]
