@@ -178,7 +178,7 @@ def _max_blocks(max_tokens: int | None, block_size: int) -> int | None:
 def _refuse_dense(name: str, config) -> None:
     """Refuse, before loading weights, a model whose config declares no routed experts."""
     counts = [getattr(config, f, None) for f in EXPERT_COUNT_FIELDS]
-    if not any(isinstance(c, int) and not isinstance(c, bool) and c > 1 for c in counts):
+    if not any(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
         raise UnsupportedArchitectureError(
             f"{name} is a dense {getattr(config, 'model_type', '?')} model: it has no experts whose routing could be "
             "analysed; upcycle it first with `moe-upcycle convert`, or pass an upcycled or native MoE model "

@@ -48,7 +48,7 @@ from .hostile import (
 
 REPO = "test-user/tiny-moe"
 UNREACHABLE = "http://127.0.0.1:9"  # loopback, closed port: connection refused at once
-COMMANDS = ("convert", "train", "merge", "evaluate", "push", "push-online", "export")
+COMMANDS = ("convert", "train", "merge", "evaluate", "analyze", "push", "push-online", "export")
 FOLDER_OUTPUTS = ("convert", "merge", "export")
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -133,13 +133,14 @@ class World:
         self.push_folder = self.model
         if command.startswith("push"):  # no card yet: push renders one, and must not leave it behind on failure
             (self.model / "README.md").unlink(missing_ok=True)
-        if command in ("train", "evaluate"):
+        if command in ("train", "evaluate", "analyze"):
             self.train = root / "train.txt"
             self.valid = root / "valid.txt"
             self.train.write_text(t.train_text)
             self.valid.write_text(t.valid_text)
         self.out = {"convert": root / "out", "train": root / "trained", "merge": root / "merged",
-                    "evaluate": root / "eval.json", "export": root / "native"}.get(command)
+                    "evaluate": root / "eval.json", "export": root / "native",
+                    "analyze": root / "routing"}.get(command)
 
     # inputs the mutations address
     def folder(self) -> Path:
@@ -193,6 +194,9 @@ class World:
         if c == "evaluate":
             return ["evaluate", self.model, "--validation_file", self.valid, "--block_size", "32", "--batch_size", "4",
                     "--max_eval_samples", "4", "--output_json", self.out, *self.extra]
+        if c == "analyze":
+            return ["analyze", self.model, "--data", f"docs={self.valid}", "--block_size", "32", "--batch_size", "4",
+                    "--max_tokens", "128", "--output", self.out, *ow, *self.extra]
         if c == "push":
             return ["push", self.push_folder, self.repo, "--dry-run", *self.extra]
         if c == "push-online":
@@ -830,6 +834,8 @@ OUTPUT_KINDS = {
               "parent_immutable", "read_only_fs", "disk_full"),
     "evaluate": ("is_directory", "missing_folder", "is_validation_file", "is_model_config", "under_file", "name_too_long",
                  "parent_immutable", "read_only_fs"),
+    "analyze": ("is_input", "inside_input", "contains_input", "is_file", "under_file", "exists_foreign_overwrite",
+                "exists_ours_no_overwrite", "name_too_long", "read_only_fs"),
 }
 for _command, _kinds in OUTPUT_KINDS.items():
     for _kind in _kinds:
@@ -865,6 +871,9 @@ FLAGS = {
                  "max_eval_samples_0": ["--max_eval_samples", "0"], "text_column_missing": ["--text_column", "nope"]},
     "export": {"max_shard_size_junk": ["--max-shard-size", "lots"], "max_shard_size_0": ["--max-shard-size", "0"],
                "to_other_family": ["--to", "qwen2_moe"], "to_unknown": ["--to", "nope"]},
+    "analyze": {"batch_size_0": ["--batch_size", "0"], "block_size_1": ["--block_size", "1"],
+                "max_tokens_below_block": ["--max_tokens", "8"], "data_without_name": ["--data", "{root}/train.txt"],
+                "data_name_twice": ["--data", "docs={root}/train.txt"], "text_column_missing": ["--text_column", "nope"]},
 }
 for _command, _table in FLAGS.items():
     for _name, _flagset in _table.items():
@@ -911,6 +920,8 @@ APPLIES: dict[str, tuple[str, ...]] = {
              "push"),
     "push-online": ("weights", "index", "config", "config_moe", "files", "adapter_config", "push", "push_online"),
     "export": ("weights", "weights_single", "index", "config", "config_moe", "files", "output_export", "flags_export"),
+    "analyze": ("weights", "index", "config", "config_moe", "files", "tokenizer", "data_valid", "output_analyze",
+                "flags_analyze"),
 }
 # A command whose every case costs seconds (a model load through Transformers, datasets) runs these shard mutations
 # only: one per failure mode of the reader (bytes, truncation, header type, offsets, dtype, shape, file kind).
@@ -919,7 +930,7 @@ CORE_SHARD = ("random_bytes_64", "truncated_in_header", "truncated_half_data", "
               "offsets_strings", "shard_is_directory", "shard_missing")
 CORE_INDEX = ("invalid_json", "json_list", "weight_map_list", "weight_map_missing", "weight_map_values_int",
               "weight_map_unknown_file", "weight_map_path_traversal")
-EXPENSIVE = {"train", "merge", "evaluate"}
+EXPENSIVE = {"train", "merge", "evaluate", "analyze"}
 
 
 def _cases() -> list:
@@ -972,6 +983,7 @@ SUBPROCESS_SUBSET = (
     "convert-output_convert-file_size_limit", "train-output_train-is_input",
     "train-data_train-parquet_garbage", "merge-adapter_config-peft_type_unknown", "evaluate-config_moe-num_experts_string",
     "push-online-push_online-offline_mode", "export-output_export-is_input", "export-config_moe-text_config.hidden_size_string",
+    "analyze-data_valid-binary",
 )
 _BY_ID = {case.id: case.values for case in CASES}
 
