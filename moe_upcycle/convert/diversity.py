@@ -12,8 +12,11 @@ from __future__ import annotations
 import torch
 
 
-def _generator(seed: int, layer: int, expert: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + expert * 101 + salt) % (2**63))
+def seeded_generator(seed: int, layer: int, slot: int, salt: int | str) -> torch.Generator:
+    """The one seed formula of a conversion: a generator per (seed, layer, expert slot, what it draws), so that
+    every random tensor is reproducible on its own, whatever order the plan produces them in."""
+    salt = sum(map(ord, salt)) if isinstance(salt, str) else salt
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + slot * 101 + salt) % (2**63))
 
 
 def dropped_neurons(seed: int, layer: int, expert: int, intermediate: int, ratio: float) -> torch.Tensor:
@@ -22,7 +25,7 @@ def dropped_neurons(seed: int, layer: int, expert: int, intermediate: int, ratio
     The same indices are used for every tensor of the expert (gate, up, down, biases).
     """
     count = round(ratio * intermediate)
-    return torch.randperm(intermediate, generator=_generator(seed, layer, expert, 7))[:count].sort().values
+    return torch.randperm(intermediate, generator=seeded_generator(seed, layer, expert, 7))[:count].sort().values
 
 
 def neuron_layout(name: str, shape: tuple[int, ...]) -> tuple[int, list[tuple[int, int]]]:
@@ -64,7 +67,7 @@ def diversify(base: torch.Tensor, name: str, *, layer: int, expert: int, seed: i
     if drop_ratio > 0 and axis >= 0:
         intermediate = matrices[0][1]
         idx = dropped_neurons(seed, layer, expert, intermediate, drop_ratio)
-        generator = _generator(seed, layer, expert, 13 + sum(map(ord, name)))
+        generator = seeded_generator(seed, layer, expert, 13 + sum(map(ord, name)))
         for offset, size in matrices:
             original = base.float().narrow(axis, offset, size)
             mean, std = original.mean(), original.std() if original.numel() > 1 else torch.tensor(0.0)
@@ -74,6 +77,6 @@ def diversify(base: torch.Tensor, name: str, *, layer: int, expert: int, seed: i
             fresh = torch.randn(shape, generator=generator) * std + mean
             target.index_copy_(axis, idx, fresh)
     if noise > 0 and not name.endswith("_bias"):
-        generator = _generator(seed, layer, expert, 3 + sum(map(ord, name)))
+        generator = seeded_generator(seed, layer, expert, 3 + sum(map(ord, name)))
         out += torch.randn(out.shape, generator=generator) * (noise * base.float().std())
     return out

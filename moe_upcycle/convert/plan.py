@@ -21,12 +21,10 @@ from ..adapters.base import Task
 from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
+from ..modeling.modeling_upcycled_moe import DENSE_PREFIX, UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
 from ..modeling.routers import ROUTERS
-from .diversity import diversify, slice_neurons
+from .diversity import diversify, seeded_generator, slice_neurons
 from .options import UpcycleOptions
-
-MOE_PREFIX = "model."  # UpcycledMoeForCausalLM keeps the dense causal LM under ``self.model``
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,7 @@ class PlanBuilder:
         key = self.keys[name]
         info = self.reader.info[key]
         dtype = self._dtype(info.dtype)
-        return PlannedTensor(MOE_PREFIX + name, dtype, info.shape, lambda: [self.reader.get(key).to(dtype)])
+        return PlannedTensor(DENSE_PREFIX + name, dtype, info.shape, lambda: [self.reader.get(key).to(dtype)])
 
     def _dense(self, layer: int, spec: ExpertTensor) -> tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]:
         """(shape [out, in] or [out], dtype, loader) of the dense tensor that ``spec`` fuses, in [out, in] layout."""
@@ -216,7 +214,7 @@ class PlanBuilder:
                     yield diversify(part, spec.name, layer=layer, expert=expert, seed=options.seed, drop_ratio=drop,
                                     noise=noise).to(dtype)
 
-        return PlannedTensor(f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
+        return PlannedTensor(f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
 
     def _shared(self, layer: int, spec: ExpertTensor) -> list[PlannedTensor]:
         """The shared expert's tensors built from ``spec`` (the first S slices, unscaled, doubled under a sigmoid
@@ -224,7 +222,7 @@ class PlanBuilder:
         options = self.options
         width = options.shared_experts * self.expert_intermediate_size()
         factor = 2.0 if options.shared_expert_gate else 1.0  # sigmoid(0) = 1/2
-        prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}shared_expert."
+        prefix = f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}shared_expert."
         (_, *rest), dtype, load = self._dense(layer, spec)
         suffix = "bias" if spec.is_bias else "weight"
         stem = spec.name.removesuffix("_bias")
@@ -249,7 +247,6 @@ class PlanBuilder:
         """Router weight [E, H]: one row per copy, repeated over the G_r slices of its virtual group."""
         options = self.options
         copies, hidden = options.num_experts // options.routed_slices, self.config.hidden_size
-        seed = _seed(options.seed, layer, -1, "router")
 
         def chunks():
             if options.router_init == "zero":
@@ -257,10 +254,11 @@ class PlanBuilder:
             elif self.router_rows is not None:
                 rows = self.router_rows[layer]
             else:
-                rows = torch.randn((copies, hidden), generator=torch.Generator().manual_seed(seed)) * options.router_init_std
+                generator = seeded_generator(options.seed, layer, 0, "router")
+                rows = torch.randn((copies, hidden), generator=generator) * options.router_init_std
             yield rows.repeat_interleave(options.routed_slices, dim=0).to(dtype)
 
-        prefix = f"{MOE_PREFIX}{self.adapter.mlp_prefix(layer)}gate."
+        prefix = f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}gate."
         planned = [PlannedTensor(prefix + "weight", dtype, (options.num_experts, hidden), chunks)]
         if ROUTERS[options.router_type].balancing_bias:
             shape = (options.num_experts,)
@@ -308,10 +306,6 @@ class PlanBuilder:
             elif name in self.keys:
                 plan.append(self._copy(name))
         return plan
-
-
-def _seed(seed: int, layer: int, expert: int, what: str) -> int:
-    return (seed * 1_000_003 + layer * 10_007 + (expert + 1) * 101 + sum(map(ord, what))) % (2**63)
 
 
 def moe_model_class(task: Task) -> type[UpcycledMoePreTrainedModel]:

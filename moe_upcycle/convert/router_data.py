@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +239,51 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     raise RuntimeError("the MLP module was called without a tensor argument")
 
 
+def _rows_from_vectors(
+    prompts: Sequence[ExpertPrompts],
+    num_experts: int,
+    encode: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    vectors: Callable[[torch.Tensor, torch.Tensor], dict[int, torch.Tensor]],
+    *,
+    calibration_dtype: torch.dtype,
+    logit_std: float,
+    center: bool,
+    max_calibration_tokens: int,
+    show_progress: bool,
+) -> dict[int, torch.Tensor]:
+    """The recipe both modes share: ``row_e = mean(vectors of e's positive prompts) - mean(of its negatives)``,
+    then :func:`finish_rows`, per key (MoE layer) of what ``vectors`` returns.
+
+    ``encode(prompt)`` -> (input ids [T], content mask [T]); every prompt is encoded (and refused when it has no
+    content token) before any vector is computed. ``vectors(ids, mask)`` -> {key: content vectors [T_content, H]}.
+    At most ``max_calibration_tokens`` vectors per key, evenly spaced within each prompt, are kept (as
+    ``calibration_dtype``) to calibrate the logit spread.
+    """
+    _check_prompts(prompts, num_experts)
+    encoded = []
+    for index, expert in enumerate(prompts):
+        for slot, (kind, group) in enumerate((("positive", expert.positive), ("negative", expert.negative))):
+            for prompt in group:
+                ids, mask = encode(prompt)
+                if not bool(mask.any()):
+                    raise _no_tokens(index, kind, prompt)
+                encoded.append((index, slot, ids, mask))
+    per_prompt_budget = max(1, max_calibration_tokens // len(encoded))
+    sums: dict[int, torch.Tensor] = {}  # key -> [E, 2, H] float64 (positive, negative)
+    counts = torch.zeros(num_experts, 2, dtype=torch.float64)
+    calibration: dict[int, list[torch.Tensor]] = {}
+    for index, slot, ids, mask in tqdm(encoded, desc="router prompts", unit="prompt", disable=not show_progress):
+        for key, content in vectors(ids, mask).items():
+            if key not in sums:
+                sums[key] = torch.zeros(num_experts, 2, content.shape[-1], dtype=torch.float64)
+                calibration[key] = []
+            sums[key][index, slot] += content.double().sum(dim=0)
+            calibration[key].append(content[_calibration_indices(len(content), per_prompt_budget)].to(calibration_dtype))
+        counts[index, slot] += int(mask.sum())
+    return {key: finish_rows(_expert_means(sums[key], counts), torch.cat(calibration[key]).float(),
+                             logit_std=logit_std, center=center) for key in sums}
+
+
 def hidden_router_rows(
     model: nn.Module,
     tokenizer,
@@ -280,20 +325,6 @@ def hidden_router_rows(
         backbone = model
     if model.training:
         logger.warning("hidden_router_rows: the model is in training mode (dropout is active); call model.eval() first.")
-
-    jobs = [(index, sign, prompt) for index, expert in enumerate(prompts)
-            for sign, group in ((1, expert.positive), (-1, expert.negative)) for prompt in group]
-    encoded = []
-    for index, sign, prompt in jobs:
-        ids, mask = _content_ids(tokenizer, prompt, add_special_tokens=True)
-        if not bool(mask.any()):
-            raise _no_tokens(index, "positive" if sign > 0 else "negative", prompt)
-        encoded.append((index, sign, ids, mask))
-    per_prompt_budget = max(1, max_calibration_tokens // len(encoded))
-
-    sums = {layer: torch.zeros(num_experts, 2, 0, dtype=torch.float64) for layer in layers}  # sized on first capture
-    counts = torch.zeros(num_experts, 2, dtype=torch.float64)
-    calibration: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: int):
@@ -302,39 +333,33 @@ def hidden_router_rows(
 
         return hook
 
+    def mlp_inputs(ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        captured.clear()
+        with torch.no_grad():
+            backbone(input_ids=ids[None].to(device), attention_mask=torch.ones_like(ids)[None].to(device), use_cache=False)
+        result = {}
+        for layer in layers:
+            if layer not in captured:
+                raise RuntimeError(f"hidden_router_rows: the MLP module of layer {layer} was not called by model.forward.")
+            hidden = captured[layer].float().cpu()
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            if hidden.shape[0] != len(ids):
+                raise RuntimeError(
+                    f"hidden_router_rows: the MLP of layer {layer} got {hidden.shape[0]} token vectors for a "
+                    f"{len(ids)}-token prompt; cannot match them to tokens."
+                )
+            result[layer] = hidden[mask]
+        return result
+
     handles = [mlp_modules[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True) for layer in layers]
     try:
-        with torch.no_grad():
-            for index, sign, ids, mask in tqdm(encoded, desc="router prompts", unit="prompt", disable=not show_progress):
-                captured.clear()
-                backbone(input_ids=ids[None].to(device), attention_mask=torch.ones_like(ids)[None].to(device), use_cache=False)
-                slot = 0 if sign > 0 else 1
-                keep = mask.nonzero().flatten()
-                for layer in layers:
-                    if layer not in captured:
-                        raise RuntimeError(f"hidden_router_rows: the MLP module of layer {layer} was not called by model.forward.")
-                    hidden = captured[layer].float().cpu()
-                    hidden = hidden.reshape(-1, hidden.shape[-1])
-                    if hidden.shape[0] != len(ids):
-                        raise RuntimeError(
-                            f"hidden_router_rows: the MLP of layer {layer} got {hidden.shape[0]} token vectors for a "
-                            f"{len(ids)}-token prompt; cannot match them to tokens."
-                        )
-                    content = hidden[keep]
-                    if sums[layer].shape[-1] == 0:
-                        sums[layer] = torch.zeros(num_experts, 2, hidden.shape[-1], dtype=torch.float64)
-                    sums[layer][index, slot] += content.double().sum(dim=0)
-                    calibration[layer].append(content[_calibration_indices(len(content), per_prompt_budget)].to(torch.bfloat16))
-                counts[index, slot] += len(keep)
+        return _rows_from_vectors(
+            prompts, num_experts, lambda prompt: _content_ids(tokenizer, prompt, add_special_tokens=True), mlp_inputs,
+            calibration_dtype=torch.bfloat16, logit_std=logit_std, center=center,
+            max_calibration_tokens=max_calibration_tokens, show_progress=show_progress)
     finally:
         for handle in handles:
             handle.remove()
-
-    result = {}
-    for layer in layers:
-        means = _expert_means(sums[layer], counts)
-        result[layer] = finish_rows(means, torch.cat(calibration[layer]).float(), logit_std=logit_std, center=center)
-    return result
 
 
 def _expert_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -372,33 +397,27 @@ def embedding_router_rows(
     set by that layer's norm weight and whose direction has drifted from the embeddings, so the real logit
     spread differs (and routing is "distinctly less effective than hidden", as mergekit says).
     """
-    _check_prompts(prompts, num_experts)
     layers = list(dict.fromkeys(int(layer) for layer in layers))
     if embedding_weight.dim() != 2:
         raise InvalidOptionError(f"embedding_weight must be [vocab, hidden], got shape {tuple(embedding_weight.shape)}.")
-    vocab, hidden = embedding_weight.shape
-    jobs = [(index, sign, prompt) for index, expert in enumerate(prompts)
-            for sign, group in ((1, expert.positive), (-1, expert.negative)) for prompt in group]
-    per_prompt_budget = max(1, max_calibration_tokens // len(jobs))
-    sums = torch.zeros(num_experts, 2, hidden, dtype=torch.float64)
-    counts = torch.zeros(num_experts, 2, dtype=torch.float64)
-    calibration = []
-    for index, sign, prompt in tqdm(jobs, desc="router prompts", unit="prompt", disable=not show_progress):
+    vocab = embedding_weight.shape[0]
+
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = _content_ids(tokenizer, prompt, add_special_tokens=False)
         ids = ids[mask]
-        if len(ids) == 0:
-            raise _no_tokens(index, "positive" if sign > 0 else "negative", prompt)
-        if int(ids.max()) >= vocab:
+        if len(ids) and int(ids.max()) >= vocab:
             raise InvalidOptionError(
                 f"Router prompts: the tokenizer gives token id {int(ids.max())} but the embedding has only {vocab} rows; "
                 "use the dense model's own tokenizer."
             )
-        vectors = _rms_normalise(embedding_weight[ids.to(embedding_weight.device)].detach().float().cpu())
-        slot = 0 if sign > 0 else 1
-        sums[index, slot] += vectors.double().sum(dim=0)
-        counts[index, slot] += len(ids)
-        calibration.append(vectors[_calibration_indices(len(vectors), per_prompt_budget)])
-    rows = finish_rows(_expert_means(sums, counts), torch.cat(calibration), logit_std=logit_std, center=center)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    def embeddings(ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {0: _rms_normalise(embedding_weight[ids.to(embedding_weight.device)].detach().float().cpu())}
+
+    rows = _rows_from_vectors(prompts, num_experts, encode, embeddings, calibration_dtype=torch.float32,
+                              logit_std=logit_std, center=center, max_calibration_tokens=max_calibration_tokens,
+                              show_progress=show_progress)[0]
     return {layer: rows.clone() for layer in layers}
 
 
@@ -427,8 +446,6 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
         weight = reader.get(keys[name]).float()
         return embedding_router_rows(weight, tokenizer, prompts, layers, num_experts=num_copies)
     model = auto.from_pretrained(folder, dtype=torch.float32).eval()
-    dense_layers = model
-    for part in adapter.decoder_layers_path.split("."):
-        dense_layers = getattr(dense_layers, part)
+    dense_layers = model.get_submodule(adapter.decoder_layers_path)
     mlps = {i: getattr(dense_layers[i], adapter.mlp_module_name) for i in layers}
     return hidden_router_rows(model, tokenizer, prompts, layers, mlps, num_experts=num_copies)

@@ -17,10 +17,10 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
+from ..modeling.modeling_upcycled_moe import DENSE_PREFIX
 from .errors import ExportError
 from .targets import NativeTarget
 
-OUTER_PREFIX = "model."
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 
@@ -33,9 +33,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype):
 
 def native_name(key: str, target: NativeTarget) -> str:
     """Our tensor name -> the native one, e.g. ``model.model.layers.0.mlp.gate.weight`` -> ``model.layers.0.mlp.gate.weight``."""
-    if not key.startswith(OUTER_PREFIX):
-        raise ExportError(f"tensor {key!r} is not under {OUTER_PREFIX!r}: this is not an UpcycledMoeForCausalLM checkpoint")
-    name = key[len(OUTER_PREFIX):]
+    if not key.startswith(DENSE_PREFIX):
+        raise ExportError(f"tensor {key!r} is not under {DENSE_PREFIX!r}: this is not an UpcycledMoeForCausalLM checkpoint")
+    name = key[len(DENSE_PREFIX):]
     for pattern, replacement in target.renames():
         name = re.sub(pattern, replacement, name)
     return name
@@ -50,7 +50,7 @@ def plan_native_tensors(reader: SafetensorsCheckpoint, target: NativeTarget, nat
         if name == "lm_head.weight" and native.tie_word_embeddings:
             continue
         plan.append(PlannedTensor(name, info.dtype, info.shape, lambda key=key: reader.iter_rows(key)))
-        router = _ROUTER.match(key[len(OUTER_PREFIX):])
+        router = _ROUTER.match(key[len(DENSE_PREFIX):])
         if router and target.extra_tensors:
             prefix = f"model.layers.{router.group(1)}.{target.moe_module}."
             experts, hidden = info.shape

@@ -53,6 +53,10 @@ DEFAULT_EXPERTS_IMPLEMENTATION = "upcycled_default"
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_forward)
 
+# Every upcycled class keeps the dense model (with the MoE blocks swapped in) at ``self.model``, so checkpoint
+# tensor names are the dense model's behind this prefix.
+DENSE_PREFIX = "model."
+
 # The KV cache field of model outputs: ``cache`` from Transformers 5.24, ``past_key_values`` before.
 _CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -197,12 +201,6 @@ class UpcycledSparseMoeBlock(nn.Module):
         return self.dropout(out.reshape(shape))
 
 
-def _resolve(module: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[UpcycledSparseMoeBlock, ...]:
     """Replace, in place, the feed-forward of each layer in ``config.moe_layers`` of the dense ``model`` by a MoE block.
 
@@ -210,7 +208,7 @@ def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[Upc
     of the layer for families without an MLP module); modules listed in ``mlp_bypass`` become ``nn.Identity``
     because the block already computes them (OPT's activation and ``fc2``, BERT's ``output.dense``).
     """
-    layers = _resolve(model, config.decoder_layers_path)
+    layers = model.get_submodule(config.decoder_layers_path)
     blocks = []
     for index in config.moe_layers:
         layer = layers[index]
@@ -223,7 +221,7 @@ def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[Upc
         setattr(layer, config.mlp_module_name, block)
         for path in config.mlp_bypass or ():
             parent, _, name = path.rpartition(".")
-            setattr(_resolve(layer, parent) if parent else layer, name, nn.Identity())
+            setattr(layer.get_submodule(parent), name, nn.Identity())
         blocks.append(block)
     return tuple(blocks)
 
@@ -498,7 +496,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
 
 def _rebase(name: str, base: str) -> str:
     """``bert.embeddings...`` -> ``model.embeddings...``: the base model lives at ``self.model`` here."""
-    return "model." + name[len(base) + 1:] if name.startswith(base + ".") else name
+    return DENSE_PREFIX + name[len(base) + 1:] if name.startswith(base + ".") else name
 
 
 class UpcycledMoeForMaskedLM(_UpcycledMoeEncoderWithHead):
