@@ -7,6 +7,7 @@ flags on the command line override.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -18,16 +19,21 @@ from transformers.utils import strtobool
 
 from ..errors import InvalidOptionError, OutputExistsError
 from ..yaml_config import apply_yaml_defaults, config_path
+from .lora_targets import LORA_TARGET_GROUPS, groups_help
 from .outputs import write_error
-
-LORA_GROUPS = ("attention", "experts", "dense_mlp", "router")
 
 
 def check_strings(args) -> None:
-    """Refuse a non-string in a string field: a YAML recipe can put any value there, the command line cannot."""
+    """Refuse a non-string in a string field (or list of strings): a YAML recipe can put any value there, the command
+    line cannot."""
     for item in fields(args):
-        value = getattr(args, item.name)
-        if "str" in str(item.type) and value is not None and not isinstance(value, str):
+        value, kind = getattr(args, item.name), str(item.type)
+        if "str" not in kind or value is None:
+            continue
+        if kind.startswith("list"):
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise InvalidOptionError(f"{item.name}={value!r} is invalid: expected a string or a list of strings")
+        elif not isinstance(value, str):
             raise InvalidOptionError(f"{item.name}={value!r} is invalid: expected a string")
 
 
@@ -78,9 +84,10 @@ class MoeArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout of module targets (experts need 0)"})
-    lora_target: str = field(
-        default="attention,experts,router",
-        metadata={"help": f"comma-separated groups ({', '.join(LORA_GROUPS)}) and/or module names to adapt"},
+    lora_target: list[str] = field(
+        default_factory=lambda: ["attention", "experts", "router"],
+        metadata={"help": f"what to adapt, space- or comma-separated: groups {groups_help()}, and/or linear module "
+                          "names (q_proj, self_attn.o_proj, ...)"},
     )
     train_router: bool = field(default=True, metadata={"help": "train the routers fully (with --use_lora)"})
     router_only: bool = field(default=False, metadata={"help": "train only the routers"})
@@ -89,17 +96,19 @@ class MoeArguments:
     routing_heatmap: bool = field(default=True, metadata={"help": "save expert_load.png at the end of training"})
 
     def __post_init__(self):
-        if isinstance(self.lora_target, list) and all(isinstance(t, str) for t in self.lora_target):
-            self.lora_target = ",".join(self.lora_target)  # a YAML list of targets
+        if isinstance(self.lora_target, str):  # MoeArguments(lora_target="attention,experts") from Python
+            self.lora_target = [self.lora_target]
         check_strings(self)
+        given = self.lora_target
+        self.lora_target = [name for item in given for name in re.split(r"[,\s]+", item) if name]
         if self.use_lora and self.router_only:
             raise InvalidOptionError("use_lora and router_only exclude each other: choose one way to train")
         if self.lora_r < 1:
             raise InvalidOptionError(f"lora_r={self.lora_r} is invalid: expected an integer >= 1")
-        if self.use_lora and not self.lora_targets:
+        if self.use_lora and not self.lora_target:
             raise InvalidOptionError(
-                f"lora_target={self.lora_target!r} names nothing to adapt: give comma-separated groups "
-                f"({', '.join(LORA_GROUPS)}) and/or module names"
+                f"lora_target={' '.join(given)!r} names nothing to adapt: give groups ({', '.join(LORA_TARGET_GROUPS)}) "
+                "and/or linear module names"
             )
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
@@ -107,10 +116,6 @@ class MoeArguments:
                 raise InvalidOptionError(
                     f"{name}={value} is invalid: expected a finite number >= 0 (leave it unset to keep the model's own)"
                 )
-
-    @property
-    def lora_targets(self) -> list[str]:
-        return [t.strip() for t in self.lora_target.split(",") if t.strip()]
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, MoeArguments, TrainingArguments)

@@ -1,5 +1,5 @@
 """What to train: LoRA through PEFT (attention as ``target_modules``, experts as ``target_parameters``,
-routers fully trained via ``modules_to_save``), full fine-tuning, or the routers alone."""
+routers fully trained via ``modules_to_save``: the groups of ``lora_targets``), full fine-tuning, or the routers alone."""
 
 from __future__ import annotations
 
@@ -8,85 +8,11 @@ from contextlib import contextmanager
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import InvalidOptionError
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledSparseMoeBlock
-from .args import LORA_GROUPS, MoeArguments
-
-
-def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def _moe_blocks(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Sparse MoE blocks by path: ours, or a native class's (any module with an ``experts`` child holding 3-D weights)."""
-    blocks = {}
-    for name, module in modules.items():
-        experts = getattr(module, "experts", None)
-        if isinstance(module, UpcycledSparseMoeBlock) or (
-            isinstance(experts, nn.Module) and any(p.dim() == 3 for p in experts.parameters(recurse=False))
-        ):
-            blocks[name] = module
-    return blocks
-
-
-def find_targets(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """Resolve LoRA target groups and module names to (target_modules, target_parameters, modules_to_save).
-
-    Groups: ``attention`` (every linear layer inside an attention module), ``experts`` (the fused expert
-    tensors), ``dense_mlp`` (linear layers of MLPs left dense), ``router`` (trained fully). Anything else
-    is a module name that must match at least one linear layer. Works on ``UpcycledMoeForCausalLM`` and
-    on native Transformers MoE classes (Mixtral, Qwen2-MoE, ... as written by ``moe-upcycle export``).
-    """
-    modules = dict(model.named_modules())
-    linears = _linear_modules(model)
-    moe_blocks = _moe_blocks(modules)
-    target_modules: list[str] = []
-    target_parameters: list[str] = []
-    modules_to_save: list[str] = []
-    for target in targets:
-        if target == "attention":
-            found = [n for n in linears if "attention" in type(modules[_parent(n)]).__name__.lower()]
-            if not found:
-                raise InvalidOptionError("lora_target 'attention' matched no linear layer inside an attention module")
-            target_modules += found
-        elif target == "experts":
-            if not moe_blocks:
-                raise InvalidOptionError("lora_target 'experts' needs a MoE model; this one has no MoE layers")
-            names = {
-                f"{path.rsplit('.', 1)[-1]}.experts.{p}"
-                for path, block in moe_blocks.items()
-                for p, tensor in block.experts.named_parameters(recurse=False) if tensor.dim() == 3
-            }
-            target_parameters += sorted(names)
-        elif target == "dense_mlp":
-            found = [n for n in linears if _parent(n) not in moe_blocks and not _parent(n).endswith((".gate", ".router"))
-                     and "mlp" in type(modules[_parent(n)]).__name__.lower()
-                     and not any(_parent(n).startswith(b + ".") for b in moe_blocks)]
-            if not found:
-                raise InvalidOptionError("lora_target 'dense_mlp' matched nothing: every MLP of this model is a MoE block")
-            target_modules += found
-        elif target == "router":
-            routers = {f"{path.rsplit('.', 1)[-1]}.{child}" for path, block in moe_blocks.items()
-                       for child in ("gate", "router") if isinstance(getattr(block, child, None), nn.Module)}
-            if not routers:
-                raise InvalidOptionError("lora_target 'router' needs a MoE model; this one has no routers")
-            modules_to_save += sorted(routers)
-        else:
-            found = [n for n in linears if n == target or n.endswith("." + target)]
-            if not found:
-                available = sorted({n.rsplit(".", 1)[-1] for n in linears})
-                raise InvalidOptionError(
-                    f"lora_target {target!r} matches no module; groups are {', '.join(LORA_GROUPS)} and linear "
-                    f"module names are {', '.join(available)}"
-                )
-            target_modules += found
-    return sorted(set(target_modules)), target_parameters, modules_to_save
+from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
+from .args import MoeArguments
+from .lora_targets import LORA_TARGET_GROUPS, find_targets, moe_blocks
 
 
 @contextmanager
@@ -111,19 +37,19 @@ def resolved_targets_kept():
 
 def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
     """Wrap or freeze ``model`` as ``moe`` asks; print what trains."""
-    is_moe = bool(_moe_blocks(dict(model.named_modules())))
+    is_moe = bool(moe_blocks(model))
     if moe.router_only:
         if not is_moe:
             raise InvalidOptionError("--router_only needs an upcycled MoE model; this model has no routers")
-        routers = tuple(f".{r}" for r in find_targets(model, ["router"])[2])  # e.g. ".mlp.gate"
+        routers = tuple(f".{r}" for r in LORA_TARGET_GROUPS["router"].resolve(model))  # e.g. ".mlp.gate"
         for name, param in model.named_parameters():
             param.requires_grad = name.rsplit(".", 1)[0].endswith(routers)
     elif moe.use_lora:
-        targets = moe.lora_targets
+        targets = moe.lora_target
         if moe.train_router and is_moe and "router" not in targets:
             targets = [*targets, "router"]
         if not is_moe:
-            wanted = [t for t in targets if t in ("experts", "router")]
+            wanted = [t for t in targets if t in LORA_TARGET_GROUPS and LORA_TARGET_GROUPS[t].needs_moe]
             if wanted:
                 raise InvalidOptionError(
                     f"lora_target {wanted} needs an upcycled MoE model, and {type(model).__name__} is dense; "
