@@ -151,7 +151,7 @@ def run(workdir: str | Path = "demo_run", finetune_steps: int = 60) -> int:
     metrics = run_training([
         "--model_name_or_path", str(moe_dir), "--train_file", str(train_file), "--validation_file", str(valid_file),
         "--output_dir", str(lora_dir), "--block_size", "128", "--use_lora",
-        "--lora_target", "attention,experts,router", "--max_steps", str(finetune_steps),
+        "--lora_target", "attention", "experts", "router", "--max_steps", str(finetune_steps),
         "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "5",
         "--logging_steps", "20", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
         "--disable_tqdm", "true", "--seed", "0",
