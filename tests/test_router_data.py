@@ -441,3 +441,27 @@ def test_converter_initialises_routers_from_prompts(tokenizer, texts, tmp_path, 
             assert min(shares.values()) >= 2 / len(KINDS), (mode, shares)
         else:
             assert sum(shares.values()) / len(KINDS) >= 1.5 / len(KINDS) and min(shares.values()) > 1 / len(KINDS), shares
+
+
+def test_router_logit_std_option_scales_the_prompt_rows(tokenizer, texts, tmp_path):
+    """`--router-logit-std` reaches the rows: doubling it doubles every router weight, and the card can rebuild it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import moe_upcycle
+
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"experts": [{"positive_prompts": texts[kind][0]} for kind in KINDS]}))
+    routers = {}
+    for std in (2.0, 4.0):
+        out = tmp_path / f"std{std}"
+        moe_upcycle.upcycle(tokenizer.name_or_path, out, num_experts=3, top_k=1, router_init="embedding",
+                            router_prompts=str(prompts), router_logit_std=std)
+        weights = load_file(out / "model.safetensors")
+        routers[std] = {k: v for k, v in weights.items() if k.endswith(".gate.weight")}
+        recipe = json.loads((out / "config.json").read_text())["upcycling"]
+        assert recipe["router_logit_std"] == std and ("--router-logit-std" in recipe["reproduce"]) == (std != 2.0)
+    assert routers[2.0] and all(torch.allclose(routers[4.0][k], 2 * routers[2.0][k], rtol=1e-5) for k in routers[2.0])
+    with pytest.raises(moe_upcycle.errors.InvalidOptionError, match="router_logit_std"):
+        moe_upcycle.UpcycleOptions(router_logit_std=0.0)

@@ -114,9 +114,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     reader = SafetensorsCheckpoint(folder)
     builder = PlanBuilder(reader, adapter, dense_config, layers, options)
     if options.router_init in ("hidden", "embedding"):
-        builder.router_rows = rows_from_prompts(
-            folder, adapter, dense_config, layers, reader, builder.keys, mode=options.router_init,
-            prompts_file=options.router_prompts, num_copies=options.num_experts // options.routed_slices)
+        builder.router_rows = rows_from_prompts(folder, adapter, dense_config, layers, reader, builder.keys, options)
     plan = builder.build()
 
     dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)

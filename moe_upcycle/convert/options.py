@@ -17,6 +17,7 @@ from ..checkpoint import parse_size
 from ..errors import InvalidOptionError
 from ..modeling.configuration_upcycled_moe import RouterType
 from ..modeling.routers import ROUTER_TYPES, ROUTERS
+from .router_data import DEFAULT_LOGIT_STD
 from .routers import ROUTER_RECIPES
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
@@ -102,6 +103,7 @@ class UpcycleOptions:
         router_bias_update_rate: balancing speed gamma of routers with a bias (``sigmoid``: DeepSeek-V3's 0.001);
             0 elsewhere.
         layers: which decoder layers get a MoE block; see :func:`resolve_layers`.
+        router_logit_std: the logit spread across experts that prompt-initialised router rows are scaled to.
         router_init_std: std of the random router. Must be > 0: an all-zero router ties and sends every
             token to the same k experts.
         expert_noise: relative Gaussian noise added to each expert's weights (std = ``expert_noise`` x the
@@ -138,6 +140,8 @@ class UpcycleOptions:
                                                                      in ROUTERS.items() if cls.balancing_bias)
                                                          + "; 0 elsewhere)")
     router_init_std: float = option(0.02, "std of the random router")
+    router_logit_std: float = option(DEFAULT_LOGIT_STD, "--router-init hidden|embedding: spread of the router logits "
+                                                        "across experts that prompt rows are scaled to")
     expert_noise: float = option(0.0, "relative Gaussian noise per expert; > 0 breaks exactness on purpose")
     drop_upcycling_ratio: float = option(0.0, "Drop-Upcycling: re-initialise this fraction of each expert's neurons "
                                               "(paper: 0.5)", flag="--drop-upcycling", metavar="R")
@@ -161,6 +165,8 @@ class UpcycleOptions:
             raise _invalid("num_experts", self.num_experts, "an integer >= 2")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise _invalid("top_k", self.top_k, f"an integer in [1, num_experts={self.num_experts}]")
+        if not self.router_logit_std > 0:
+            raise _invalid("router_logit_std", self.router_logit_std, "a number > 0")
         if not self.router_init_std > 0:
             raise _invalid("router_init_std", self.router_init_std,
                            "a number > 0 (an all-zero router ties and routes every token to the same experts)")

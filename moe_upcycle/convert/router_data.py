@@ -50,6 +50,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -57,6 +58,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidOptionError
+
+if TYPE_CHECKING:
+    from .options import UpcycleOptions
 
 logger = logging.getLogger(__name__)
 
@@ -421,16 +425,19 @@ def embedding_router_rows(
     return {layer: rows.clone() for layer in layers}
 
 
-def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, keys: Mapping[str, str], *,
-                      mode: str, prompts_file: str | Path, num_copies: int) -> dict[int, torch.Tensor]:
-    """Router rows [num_copies, H] per MoE layer for the converter, from the dense checkpoint in ``folder``.
+def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, keys: Mapping[str, str],
+                      options: UpcycleOptions) -> dict[int, torch.Tensor]:
+    """Router rows [E / G_r, H] per MoE layer for the converter, from the dense checkpoint in ``folder``, as
+    ``options`` say (``router_init`` hidden or embedding, ``router_prompts``, ``router_logit_std``).
 
     ``embedding`` reads only the input-embedding tensor; ``hidden`` loads the dense model in float32 (the only
     step of a conversion that holds the whole model in memory).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    prompts = load_router_prompts(prompts_file)
+    mode, num_copies = options.router_init, options.num_experts // options.routed_slices
+    scale = {"num_experts": num_copies, "logit_std": options.router_logit_std}
+    prompts = load_router_prompts(options.router_prompts)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -444,8 +451,8 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
         embedding = dense.get_input_embeddings().weight
         name = next(n for n, p in dense.named_parameters() if p is embedding)
         weight = reader.get(keys[name]).float()
-        return embedding_router_rows(weight, tokenizer, prompts, layers, num_experts=num_copies)
+        return embedding_router_rows(weight, tokenizer, prompts, layers, **scale)
     model = auto.from_pretrained(folder, dtype=torch.float32).eval()
     dense_layers = model.get_submodule(adapter.decoder_layers_path)
     mlps = {i: getattr(dense_layers[i], adapter.mlp_module_name) for i in layers}
-    return hidden_router_rows(model, tokenizer, prompts, layers, mlps, num_experts=num_copies)
+    return hidden_router_rows(model, tokenizer, prompts, layers, mlps, **scale)
