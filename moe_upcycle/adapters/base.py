@@ -12,7 +12,8 @@ from typing import Literal
 
 from transformers import PreTrainedConfig
 
-ExpertKind = Literal["glu", "mlp"]
+from ..modeling.configuration_upcycled_moe import ExpertKind
+
 Task = Literal["causal_lm", "encoder"]
 
 

@@ -20,12 +20,12 @@ from ..modeling.routers import ROUTER_TYPES, ROUTERS
 from .router_data import DEFAULT_LOGIT_STD
 from .routers import ROUTER_RECIPES
 
-DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
-RouterInit = Literal["auto", "random", "zero", "hidden", "embedding"]
+DtypeName = Literal[tuple(DTYPES)]
 ROUTER_INITS: tuple[str, ...] = ("auto", "random", "zero", "hidden", "embedding")
+RouterInit = Literal[ROUTER_INITS]
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
 
 

@@ -14,8 +14,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .routers import ROUTER_TYPES, ROUTERS
 
-ExpertKind = Literal["glu", "mlp"]
-EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")
+EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")  # gated down(act(gate(x)) * up(x)), plain down(act(up(x)))
+ExpertKind = Literal[EXPERT_KINDS]
 RouterType = Literal[ROUTER_TYPES]  # the keys of the routers table
 
 
