@@ -77,6 +77,7 @@ class RoutingReport:
             "top_k": self.top_k,
             "block_size": self.block_size,
             "share": f"fraction of a data set's tokens routed to the expert; a row sums to top_k={self.top_k}",
+            "entropy": "mean entropy (nats) of the softmax over the router's selection scores",
             "datasets": {name: {"file": file, "tokens": tokens, "loss": loss, "perplexity": ppl}
                          for name, file, tokens, loss, ppl in zip(self.datasets, self.files, self.tokens, self.loss,
                                                                   self.perplexity, strict=True)},
@@ -191,7 +192,7 @@ def _named_data(name: str, file: str) -> Iterator[None]:
     try:
         yield
     except InvalidOptionError as err:
-        message = str(err).replace("the validation split", "the text").replace("training and validation files", "files")
+        message = str(err).replace("the validation split", "the text")
         label = f"--data {name}={file}"
         if message.startswith(f"--validation_file {file}"):
             raise InvalidOptionError(label + message[len(f"--validation_file {file}"):]) from None
@@ -235,7 +236,7 @@ def _route(model: PreTrainedModel, name: str, blocks: dict, files: dict[str, str
         for start in tqdm(range(0, len(packed), batch_size), desc=f"routing {dataset}", leave=False):
             batch = packed[start : start + batch_size]
             input_ids = torch.tensor(batch["input_ids"], device=device)  # [B, S]
-            out = model(input_ids=input_ids, output_router_logits=True)
+            out = model(input_ids=input_ids, output_router_logits=True, use_cache=False)
             router_logits = list(getattr(out, "router_logits", None) or ())  # one [B*S, E] per MoE layer
             if len(router_logits) != len(found):
                 raise UnsupportedArchitectureError(
@@ -269,14 +270,15 @@ def save_routing_heatmap(report: RoutingReport, path: Path) -> None:
     rows = -(-num_layers // columns)
     panel_w, panel_h = 1.0 + 0.45 * num_experts, 0.8 + 0.4 * num_sets
     fig, axes = plt.subplots(rows, columns, figsize=(1.5 + panel_w * columns, 0.8 + panel_h * rows), dpi=120,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax in axes.flat[num_layers:]:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:num_layers]):
         image = ax.imshow(shares[i], cmap="viridis", aspect="auto", vmin=0, vmax=1)
         ax.set_title(f"layer {report.moe_layers[i]}", fontsize=9)
         ax.set_xlabel("expert")
-        ax.set_xticks(range(num_experts))
+        if num_experts <= 32:
+            ax.set_xticks(range(num_experts))
         ax.set_yticks(range(num_sets), report.datasets if i % columns == 0 else [""] * num_sets)
         if num_experts * num_sets <= 96:
             for d in range(num_sets):
@@ -285,7 +287,6 @@ def save_routing_heatmap(report: RoutingReport, path: Path) -> None:
                             color="black" if shares[i, d, e] > 0.6 else "white")
     fig.suptitle(f"share of each data set's tokens routed to each expert (top-{report.top_k} of {report.num_experts}: "
                  f"a row sums to {report.top_k})", fontsize=9)
-    fig.tight_layout()
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="share of tokens")
+    fig.colorbar(image, ax=axes, label="share of tokens", fraction=0.05, pad=0.01)
     fig.savefig(path)
     plt.close(fig)
