@@ -18,7 +18,7 @@ from .version import __version__
 
 def __getattr__(name: str):
     # Lazy: the converter pulls in huggingface_hub / safetensors machinery that plain model use does not need.
-    if name in ("upcycle", "UpcycleOptions"):
+    if name in ("upcycle", "mix", "UpcycleOptions"):
         from . import convert
 
         return getattr(convert, name)
@@ -26,4 +26,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["UpcycledMoeConfig", "UpcycledMoeForCausalLM", "UpcycledMoeModel", "UpcycledMoeForMaskedLM",
-           "UpcycledMoeForSequenceClassification", "UpcycledSparseMoeBlock", "upcycle", "UpcycleOptions", "__version__"]
+           "UpcycledMoeForSequenceClassification", "UpcycledSparseMoeBlock", "mix", "upcycle", "UpcycleOptions", "__version__"]

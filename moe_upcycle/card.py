@@ -74,6 +74,11 @@ def _metrics_table(folder: Path) -> str | None:
     return "\n".join([note, "", "| metric | value |", "| --- | ---: |", *rows])
 
 
+def _names(value: str | list[str]) -> str:
+    """A recorded list of names as text (older records hold one comma-separated string)."""
+    return ", ".join(value) if isinstance(value, list) else str(value)
+
+
 def _training_section(folder: Path) -> tuple[str | None, str | None]:
     """(markdown, reproduce command) from ``training_recipe.json`` and ``trainer_state.json``."""
     recipe = _read_json(folder / "training_recipe.json")
@@ -84,7 +89,7 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
     how = "LoRA (PEFT)" if moe.get("use_lora") else "router only" if moe.get("router_only") else "full fine-tuning"
     lines = [
         f"Fine-tuned with the Hugging Face `Trainer`: {how}"
-        + (f", LoRA r={moe['lora_r']} alpha={moe['lora_alpha']} on {moe['lora_target']}" if moe.get("use_lora") else "")
+        + (f", LoRA r={moe['lora_r']} alpha={moe['lora_alpha']} on {_names(moe['lora_target'])}" if moe.get("use_lora") else "")
         + f"; {state.get('global_step', '?')} optimizer steps of {data.get('block_size')}-token blocks"
         + f" from `{data.get('dataset_name') or data.get('train_file')}`.",
     ]

@@ -15,8 +15,16 @@ from moe_upcycle.commands import COMMANDS
 from .hostile import failure_problems, run_inprocess, success_problems
 
 
+def _mix_recipe(folder: Path, out: Path) -> Path:
+    recipe = out.parent / "mix.yaml"
+    if out.parent.is_dir():
+        recipe.write_text(f"gate_mode: random\nexperts:\n  - source_model: {folder}\n  - source_model: {folder}\n")
+    return recipe
+
+
 def _argv(command: str, folder: Path, out: Path, data: Path) -> list:
     return {
+        "mix": ["mix", _mix_recipe(folder, out), out, "--allow-identical-sources"],
         "convert": ["convert", folder, out, "--num-experts", "4", "--top-k", "2"],
         "export": ["export", folder, out],
         "merge": ["merge", folder, out],

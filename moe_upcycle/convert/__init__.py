@@ -1,6 +1,7 @@
-"""The streaming converter: dense safetensors checkpoint in, upcycled MoE checkpoint out."""
+"""The streaming converter: dense safetensors checkpoints in (one to upcycle, several to mix), MoE checkpoint out."""
 
 from .converter import UpcycleResult, upcycle
+from .mixer import mix
 from .options import UpcycleOptions, resolve_layers
 
-__all__ = ["UpcycleOptions", "UpcycleResult", "resolve_layers", "upcycle"]
+__all__ = ["UpcycleOptions", "UpcycleResult", "mix", "resolve_layers", "upcycle"]

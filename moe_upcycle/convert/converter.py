@@ -136,6 +136,17 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
               "license": source_license(folder), "moe_upcycle_version": __version__, **options.recipe(),
               "inexact_reasons": reasons}
     recipe["reproduce"] = shlex.join(["moe-upcycle", "convert", str(source), "OUTPUT", *reproduce_flags(recipe)])
+    moe_config = build_moe_config(dense_config, adapter, options, builder, layers, recipe, dtype)
+    result = write_moe(output, inputs, plan, moe_config, adapter, options, folder, [reader], reasons, dtype,
+                       desc="Upcycling")
+    result.notes[:0] = notes
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: PlanBuilder, layers: list[int],
+                     recipe: dict, dtype: torch.dtype) -> UpcycledMoeConfig:
+    """The upcycled config of a planned conversion (or mix); an invalid combination is one InvalidOptionError."""
     try:
         moe_config = UpcycledMoeConfig(
             text_config=dense_config,
@@ -149,7 +160,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             router_init_std=options.router_init_std,
             router_type=options.router_type,
             router_bias_update_rate=options.router_bias_update_rate,
-            shared_expert_intermediate_size=options.shared_experts * builder.expert_intermediate_size(),
+            shared_expert_intermediate_size=builder.shared_width(),
             shared_expert_gate=options.shared_expert_gate,
             upcycling=recipe,
             **adapter.moe_config_fields(dense_config),
@@ -158,14 +169,22 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
         raise InvalidOptionError(str(err)) from None
     moe_config.dtype = dtype
     moe_config.text_config.dtype = dtype
-    meta_model = check_against_model(plan, moe_config, adapter.task)
+    return moe_config
 
+
+def write_moe(output: Path, inputs: list, plan: list, moe_config: UpcycledMoeConfig, adapter, options: UpcycleOptions,
+              folder: Path, readers: list[SafetensorsCheckpoint], reasons: list[str], dtype: torch.dtype,
+              desc: str) -> UpcycleResult:
+    """Check ``plan`` against the MoE model, write it with its config, runtime code, the side files of ``folder``
+    (tokenizer, ...) and a card into ``output`` atomically, and verify against ``folder`` if ``options.verify``."""
+    meta_model = check_against_model(plan, moe_config, adapter.task)
     total_bytes = sum(t.nbytes for t in plan)
-    max_diff = None
+    max_diff, notes = None, []
     with atomic_folder(output, options.overwrite, inputs) as tmp:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", leave=False) as bar:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
             shards = write_sharded(tmp, plan, options.max_shard_bytes, bar.update)
-        reader.close()
+        for reader in readers:
+            reader.close()
         custom_object_save(meta_model, tmp, config=moe_config)
         if adapter.task == "encoder":  # one checkpoint, three Auto classes
             moe_config.auto_map = {**(moe_config.auto_map or {}), **ENCODER_AUTO_MAP}
@@ -178,6 +197,6 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
             max_diff = comparison.max_diff
             notes.append(judge(comparison, reasons, dtype))
     return UpcycleResult(
-        output=output.resolve(), moe_layers=layers, shards=shards, total_params=total, active_params=active,
-        bytes_written=total_bytes, seconds=time.perf_counter() - start, max_logit_diff=max_diff, notes=notes,
+        output=output.resolve(), moe_layers=list(moe_config.moe_layers), shards=shards, total_params=total,
+        active_params=active, bytes_written=total_bytes, seconds=0.0, max_logit_diff=max_diff, notes=notes,
     )

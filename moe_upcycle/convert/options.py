@@ -24,7 +24,7 @@ DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
 DtypeName = Literal[tuple(DTYPES)]
-ROUTER_INITS: tuple[str, ...] = ("auto", "random", "zero", "hidden", "embedding")
+ROUTER_INITS: tuple[str, ...] = ("auto", "random", "uniform", "zero", "hidden", "embedding")
 RouterInit = Literal[ROUTER_INITS]
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
 
@@ -95,7 +95,8 @@ class UpcycleOptions:
             shared expert's output projection is doubled, so the model stays exact.
         router_type: a router kind of ``modeling/routers.py`` (``topk_renorm`` Mixtral, ``softmax_topk``,
             ``sigmoid`` DeepSeek-V3); its row in ``convert/routers.py`` says how experts are scaled to stay exact.
-        router_init: ``random`` (normal, ``router_init_std``; rows shared within a virtual group), ``zero``,
+        router_init: ``random`` (normal, ``router_init_std``; rows shared within a virtual group), ``uniform``
+            (``nn.Linear``'s default, U(-1/sqrt(H), 1/sqrt(H)); mergekit's ``uniform_random``), ``zero``,
             ``hidden`` / ``embedding`` (rows from per-expert prompts, see ``router_prompts``), or ``auto``:
             the router kind's exact initialisation where it has one (``zero`` for ``softmax_topk`` without slicing),
             else ``random``.

@@ -8,7 +8,7 @@ no memory is used) and the planned output is checked, name by name and shape by 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,19 +105,47 @@ def _check_shape(name: str, actual: tuple[int, ...], expected: tuple[int, ...]) 
         raise CheckpointError(f"tensor {name} has shape {list(actual)} but the config implies {list(expected)}")
 
 
+@dataclass(frozen=True)
+class ExpertSource:
+    """Where one expert copy's MLP comes from when experts are mixed from several models (mergekit-moe's keys)."""
+
+    source: int = 0  # index of the checkpoint in PlanBuilder.readers
+    noise_scale: float = 0.0  # std of absolute Gaussian noise added to every tensor of the expert
+    residual_scale: float = 1.0  # factor on what the expert writes to the residual stream (its down projection)
+
+
 class PlanBuilder:
-    """Builds the ordered list of :class:`PlannedTensor` for one conversion."""
+    """Builds the ordered list of :class:`PlannedTensor` for one conversion.
+
+    Upcycling reads one checkpoint. Mixing (Branch-Train-MiX, mergekit-moe) passes more: ``others`` are further
+    checkpoints of the same architecture, ``experts`` says which one each expert copy [E / G_r] comes from,
+    ``nonexpert`` whether the other tensors come from ``reader`` (``base``) or are the float32 mean of the
+    experts' checkpoints (``average``), and ``shared`` an always-on shared expert made of one checkpoint's MLP.
+    """
 
     def __init__(self, reader: SafetensorsCheckpoint, adapter: ArchitectureAdapter, config: PreTrainedConfig,
-                 layers: list[int], options: UpcycleOptions, router_rows: dict[int, torch.Tensor] | None = None):
+                 layers: list[int], options: UpcycleOptions, router_rows: dict[int, torch.Tensor] | None = None, *,
+                 others: Sequence[SafetensorsCheckpoint] = (), experts: Sequence[ExpertSource] | None = None,
+                 nonexpert: str = "base", shared: ExpertSource | None = None):
         """``router_rows``: per MoE layer, one router row per expert copy [E / G_r, H] (data initialisation)."""
         self.reader, self.adapter, self.config = reader, adapter, config
         self.layers, self.options, self.router_rows = layers, options, router_rows
-        self._last_loaded: tuple[list[str] | None, torch.Tensor | None] = (None, None)
+        self.readers = [reader, *others]
+        copies = options.num_experts // options.routed_slices
+        self.experts = list(experts) if experts is not None else [ExpertSource()] * copies
+        if len(self.experts) != copies:
+            raise ValueError(f"{len(self.experts)} expert sources for {copies} expert copies")
+        self.nonexpert, self.shared = nonexpert, shared
+        self._last_loaded: tuple[tuple | None, torch.Tensor | None] = (None, None)
         self.layout = dense_layout(config, adapter.task)
-        self.keys = match_source_keys(reader.keys(), self.layout)
-        for name, key in self.keys.items():
-            _check_shape(key, reader.info[key].shape, self.layout.shapes[name])
+        self.source_keys = [match_source_keys(r.keys(), self.layout) for r in self.readers]
+        self.keys = self.source_keys[0]
+        for reader_, keys in zip(self.readers, self.source_keys, strict=True):
+            if keys.keys() != self.keys.keys():
+                raise CheckpointError(f"{reader_.folder} holds other tensors than {reader.folder}: "
+                                      f"{sorted(keys.keys() ^ self.keys.keys())[:3]}")
+            for name, key in keys.items():
+                _check_shape(key, reader_.info[key].shape, self.layout.shapes[name])
 
     # -- tensor producers ------------------------------------------------------------------------
     def _dtype(self, source_dtype: torch.dtype) -> torch.dtype:
@@ -128,30 +156,41 @@ class PlanBuilder:
         key = self.keys[name]
         info = self.reader.info[key]
         dtype = self._dtype(info.dtype)
+        averaged = sorted({e.source for e in self.experts})
+        if self.nonexpert == "average" and len(averaged) > 1 and info.dtype.is_floating_point:
+            def mean() -> list[torch.Tensor]:  # a float32 running sum, one source tensor in memory at a time
+                total = torch.zeros(info.shape, dtype=torch.float32)
+                for source in averaged:
+                    total += self.readers[source].get(self.source_keys[source][name]).float()
+                return [(total / len(averaged)).to(dtype)]
+
+            return PlannedTensor(DENSE_PREFIX + name, dtype, info.shape, mean)
         return PlannedTensor(DENSE_PREFIX + name, dtype, info.shape, lambda: [self.reader.get(key).to(dtype)])
 
-    def _dense(self, layer: int, spec: ExpertTensor) -> tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]:
-        """(shape [out, in] or [out], dtype, loader) of the dense tensor that ``spec`` fuses, in [out, in] layout."""
-        prefix = self.adapter.source_prefix(layer)
-        keys = [self.keys[prefix + s] for s in spec.sources]
-        shapes = [self.reader.info[k].shape for k in keys]
+    def _dense(self, layer: int, spec: ExpertTensor,
+               source: int = 0) -> tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]:
+        """(shape [out, in] or [out], dtype, loader) of the dense tensor that ``spec`` fuses, in [out, in] layout,
+        read from checkpoint ``source``."""
+        reader, prefix = self.readers[source], self.adapter.source_prefix(layer)
+        keys = [self.source_keys[source][prefix + s] for s in spec.sources]
+        shapes = [reader.info[k].shape for k in keys]
         if spec.transpose:
             shapes = [tuple(reversed(s)) for s in shapes]
         if any(s[1:] != shapes[0][1:] for s in shapes):
             raise CheckpointError(f"cannot concatenate {keys} with shapes {shapes}")
-        dtype = self._dtype(self.reader.info[keys[0]].dtype)
+        dtype = self._dtype(reader.info[keys[0]].dtype)
 
         def load() -> torch.Tensor:
             cached_keys, cached = self._last_loaded
-            if cached_keys == keys:
+            if cached_keys == (source, *keys):
                 return cached
             self._last_loaded = (None, None)  # never hold two dense tensors at once
-            parts = [self.reader.get(k) for k in keys]
+            parts = [reader.get(k) for k in keys]
             if spec.transpose:
                 parts = [p.t() for p in parts]
             tensor = torch.cat(parts, dim=0).to(dtype).contiguous()
             if self.options.shared_experts:  # the shared expert, planned right after the routed one, reads it again
-                self._last_loaded = (keys, tensor)
+                self._last_loaded = ((source, *keys), tensor)
             return tensor
 
         return (sum(s[0] for s in shapes), *shapes[0][1:]), dtype, load
@@ -190,9 +229,18 @@ class PlanBuilder:
             return part * (options.expert_scale / options.routed_slices) if not options.shared_experts else part * 0
         return part
 
+    def _mixed(self, part: torch.Tensor, spec: ExpertTensor, layer: int, expert: int, source: ExpertSource) -> torch.Tensor:
+        """mergekit-moe's per-expert transforms: ``residual_scale`` on the down projection, then ``noise_scale``."""
+        if source.residual_scale != 1.0 and spec.name.startswith("down_proj"):
+            part = part * source.residual_scale
+        if source.noise_scale:
+            generator = seeded_generator(self.options.seed, layer, expert, "mix-noise" + spec.name)
+            part = part + torch.randn(part.shape, generator=generator).to(part.dtype) * source.noise_scale
+        return part
+
     def _expert(self, layer: int, spec: ExpertTensor) -> PlannedTensor:
         """Fused tensor [E, out, in] of one layer: expert e holds slice S + e mod G_r, scaled, then diversified."""
-        (out_dim, *rest), dtype, load = self._dense(layer, spec)
+        (out_dim, *rest), dtype, _ = self._dense(layer, spec)
         options, width = self.options, self.expert_intermediate_size()
         num_experts, routed, shared = options.num_experts, options.routed_slices, options.shared_experts
         if spec.name == "down_proj":
@@ -203,10 +251,15 @@ class PlanBuilder:
             shape = (num_experts, out_dim // options.granularity, *rest)
 
         def chunks():
-            base = load()
-            slices = [self._routed_part(spec.name, base, shared + g).to(dtype) for g in range(routed)]
             drop, noise = options.drop_upcycling_ratio, options.expert_noise
+            loaded, slices = None, []  # one source tensor (and its slices) at a time
             for expert in range(num_experts):
+                source = self.experts[expert // routed]
+                if loaded != source:
+                    dense = self._dense(layer, spec, source.source)[2]()
+                    slices = [self._mixed(self._routed_part(spec.name, dense, shared + g), spec, layer, expert, source)
+                              .to(dtype) for g in range(routed)]
+                    loaded = source
                 part = slices[expert % routed]
                 if drop == 0 and (noise == 0 or spec.is_bias):
                     yield part
@@ -216,14 +269,22 @@ class PlanBuilder:
 
         return PlannedTensor(f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
 
+    def shared_width(self) -> int:
+        """Intermediate width of the shared expert (0: none): S slices, or a mixed model's whole MLP."""
+        if self.shared is not None:
+            return self.dense_intermediate_size()
+        return self.options.shared_experts * self.expert_intermediate_size()
+
     def _shared(self, layer: int, spec: ExpertTensor) -> list[PlannedTensor]:
         """The shared expert's tensors built from ``spec`` (the first S slices, unscaled, doubled under a sigmoid
         gate that starts at 1/2); with ``shared_expert_gate`` the gate's zero weight follows the down projection."""
         options = self.options
-        width = options.shared_experts * self.expert_intermediate_size()
+        width = self.shared_width()
         factor = 2.0 if options.shared_expert_gate else 1.0  # sigmoid(0) = 1/2
+        if self.shared is not None:  # a mixed model's shared expert: one checkpoint's whole MLP
+            factor *= self.shared.residual_scale
         prefix = f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}shared_expert."
-        (_, *rest), dtype, load = self._dense(layer, spec)
+        (_, *rest), dtype, load = self._dense(layer, spec, self.shared.source if self.shared else 0)
         suffix = "bias" if spec.is_bias else "weight"
         stem = spec.name.removesuffix("_bias")
 
@@ -253,6 +314,9 @@ class PlanBuilder:
                 rows = torch.zeros(copies, hidden)
             elif self.router_rows is not None:
                 rows = self.router_rows[layer]
+            elif options.router_init == "uniform":  # nn.Linear's default: U(-1/sqrt(H), 1/sqrt(H))
+                generator = seeded_generator(options.seed, layer, 0, "router")
+                rows = (torch.rand((copies, hidden), generator=generator) * 2 - 1) / hidden**0.5
             else:
                 generator = seeded_generator(options.seed, layer, 0, "router")
                 rows = torch.randn((copies, hidden), generator=generator) * options.router_init_std
@@ -300,7 +364,7 @@ class PlanBuilder:
                     plan.extend(self._router(layer, experts[0].dtype))
                     for spec, routed in zip(specs, experts, strict=True):
                         plan.append(routed)
-                        if self.options.shared_experts:
+                        if self.shared_width():
                             plan.extend(self._shared(layer, spec))
                     done.add(layer)
             elif name in self.keys:

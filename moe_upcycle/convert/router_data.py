@@ -426,9 +426,10 @@ def embedding_router_rows(
 
 
 def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, keys: Mapping[str, str],
-                      options: UpcycleOptions) -> dict[int, torch.Tensor]:
+                      options: UpcycleOptions, prompts: Sequence[ExpertPrompts] | None = None) -> dict[int, torch.Tensor]:
     """Router rows [E / G_r, H] per MoE layer for the converter, from the dense checkpoint in ``folder``, as
-    ``options`` say (``router_init`` hidden or embedding, ``router_prompts``, ``router_logit_std``).
+    ``options`` say (``router_init`` hidden or embedding, ``router_prompts``, ``router_logit_std``); ``prompts``
+    (one per expert copy) instead of the ``router_prompts`` file when the caller has them (``mix`` recipes).
 
     ``embedding`` reads only the input-embedding tensor; ``hidden`` loads the dense model in float32 (the only
     step of a conversion that holds the whole model in memory).
@@ -437,7 +438,7 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
 
     mode, num_copies = options.router_init, options.num_experts // options.routed_slices
     scale = {"num_experts": num_copies, "logit_std": options.router_logit_std}
-    prompts = load_router_prompts(options.router_prompts)
+    prompts = load_router_prompts(options.router_prompts) if prompts is None else prompts
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
