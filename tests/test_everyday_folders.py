@@ -17,8 +17,7 @@ from .hostile import failure_problems, run_inprocess, success_problems
 
 def _mix_recipe(folder: Path, out: Path) -> Path:
     recipe = out.parent / "mix.yaml"
-    if out.parent.is_dir():
-        recipe.write_text(f"gate_mode: random\nexperts:\n  - source_model: {folder}\n  - source_model: {folder}\n")
+    recipe.write_text(f"gate_mode: random\nexperts:\n  - source_model: {folder}\n  - source_model: {folder}\n")
     return recipe
 
 
@@ -41,9 +40,9 @@ FOLDER_COMMANDS = [c.add.__module__.rpartition(".")[2] for c in COMMANDS]
 FOLDER_COMMANDS.remove("demo")  # takes no folder
 
 
-def test_every_subcommand_is_covered():
+def test_every_subcommand_is_covered(tmp_path):
     for command in FOLDER_COMMANDS:
-        _argv(command, Path("f"), Path("o"), Path("d"))  # a KeyError names a subcommand without a row here
+        _argv(command, tmp_path / "f", tmp_path / "o", tmp_path / "d")  # a KeyError names a subcommand without a row here
 
 
 @pytest.fixture(scope="module")
