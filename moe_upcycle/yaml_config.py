@@ -15,20 +15,26 @@ from transformers.hf_argparser import string_to_bool
 from .errors import InvalidOptionError
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The document in the YAML file ``path`` (``what`` names it in errors: ``--config``, ``mix recipe``, ...); a
+    missing or unreadable file and a syntax error (with its line) are one :class:`InvalidOptionError` each."""
+    if not path.is_file():
+        raise InvalidOptionError(f"{what} {path} does not exist (or is not a file)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise InvalidOptionError(f"{what} {path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidOptionError(f"cannot read {what} {path}: {err}") from None
+
+
 def apply_yaml_defaults(parser: argparse.ArgumentParser, path: Path | None) -> None:
     """Set ``parser``'s defaults from the mapping in ``path``; unknown keys are an error naming them."""
     if path is None:
         return
-    if not path.is_file():
-        raise InvalidOptionError(f"--config {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise InvalidOptionError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', None) or err}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InvalidOptionError(f"cannot read --config {path}: {err}") from None
+    values = read_yaml(path, "--config") or {}
     if not isinstance(values, dict):
         raise InvalidOptionError(f"{path} must hold a mapping of argument names to values")
     values = {str(key).replace("-", "_"): value for key, value in values.items()}

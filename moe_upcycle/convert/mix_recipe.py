@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import InvalidOptionError
+from ..yaml_config import read_yaml
 from .router_data import ExpertPrompts
 
 GATE_MODES = {"hidden": "hidden", "cheap_embed": "embedding", "random": "random", "uniform_random": "uniform"}
@@ -187,17 +186,7 @@ def parse_mix_recipe(document: Any, path: Path | None = None) -> MixRecipe:
 
 def load_mix_recipe(path: str | Path) -> MixRecipe:
     path = Path(path)
-    if not path.is_file():
-        raise InvalidOptionError(f"mix recipe {path} does not exist (or is not a file)")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise InvalidOptionError(f"cannot read mix recipe {path}: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise InvalidOptionError(f"mix recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    return parse_mix_recipe(document, path)
+    return parse_mix_recipe(read_yaml(path, "mix recipe"), path)
 
 
 __all__ = ["ARCHITECTURES", "GATE_MODES", "MixExpert", "MixRecipe", "load_mix_recipe", "parse_mix_recipe"]

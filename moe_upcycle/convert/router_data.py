@@ -53,11 +53,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidOptionError
+from ..yaml_config import read_yaml
 
 if TYPE_CHECKING:
     from .options import UpcycleOptions
@@ -112,14 +112,7 @@ def load_router_prompts(path: str | Path) -> list[ExpertPrompts]:
     an ``experts`` list, an entry without positive prompts, non-string or empty prompts, and unknown keys.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InvalidOptionError(f"Router prompts file {path} does not exist (or is not a file).")
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidOptionError(f"Router prompts file {path} cannot be read: {error}") from error
-    except yaml.YAMLError as error:
-        raise InvalidOptionError(f"Router prompts file {path} is not valid YAML: {error}") from error
+    document = read_yaml(path, "router prompts file")
     if not isinstance(document, dict) or "experts" not in document:
         got = "an empty file" if document is None else f"a {type(document).__name__}"
         if isinstance(document, dict):
