@@ -40,16 +40,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _per_expert_numel(folder: Path) -> tuple[int, int]:
+    """(all parameters, those that belong to one expert each): every experts tensor, or with shared-weight experts
+    only their low-rank deltas (``*_lora_A`` / ``*_lora_B``; the shared MLP runs for every token)."""
+    numel = {name: math.prod(t.shape) for name, t in SafetensorsCheckpoint(folder).info.items()}
+    experts = {name: n for name, n in numel.items() if ".experts." in name}
+    deltas = {name: n for name, n in experts.items() if "_lora_" in name}
+    return sum(numel.values()), sum((deltas or experts).values())
+
+
 def parameter_counts(folder: Path, num_experts: int, top_k: int) -> tuple[int, int]:
     """(total, active per token) parameters, counted from the safetensors headers in ``folder``.
 
     Tied weights are stored, and counted, once; of each layer's experts, ``top_k / num_experts`` are active.
     """
-    info = SafetensorsCheckpoint(folder).info
-    numel = {name: math.prod(t.shape) for name, t in info.items()}
-    total = sum(numel.values())
-    experts = sum(n for name, n in numel.items() if ".experts." in name)
-    return total, total - experts * (num_experts - top_k) // num_experts
+    total, per_expert = _per_expert_numel(folder)
+    return total, total - per_expert * (num_experts - top_k) // num_experts
 
 
 def source_license(source_folder: Path) -> str | None:
@@ -157,6 +163,9 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
         router_init=recipe.get("router_init", "random"),
         granularity=recipe.get("granularity", 1),
         shared_width=config.get("shared_expert_intermediate_size", 0),
+        lora_rank=config.get("expert_lora_rank") if config.get("expert_sharing") == "lora" else None,
+        lora_targets=", ".join(config.get("expert_lora_targets") or []),
+        delta_params=f"{_per_expert_numel(folder)[1]:,}",
         shared_gate=config.get("shared_expert_gate", False),
         expert_width=config.get("expert_intermediate_size"),
         aux_coef=config.get("router_aux_loss_coef"),

@@ -14,8 +14,19 @@ from .errors import UpcycleError
 from .yaml_config import apply_yaml_defaults, config_path
 
 
+class _CommandsFormatter(argparse.HelpFormatter):
+    """argparse measures subcommand names one indent level shallower than it prints them, so a long name
+    (``materialize``) gets its help on the next line; measure them where they are printed."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        for choice in getattr(action, "_choices_actions", ()):
+            width = len(self._format_action_invocation(choice)) + self._current_indent + 2 * self._indent_increment
+            self._action_max_length = max(self._action_max_length, width)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-upcycle")
+    parser = argparse.ArgumentParser(prog="moe-upcycle", formatter_class=_CommandsFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands (`moe-upcycle COMMAND --help` for each one's flags)")
     for command in COMMANDS:

@@ -162,6 +162,10 @@ def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: Pl
             router_bias_update_rate=options.router_bias_update_rate,
             shared_expert_intermediate_size=builder.shared_width(),
             shared_expert_gate=options.shared_expert_gate,
+            expert_sharing=options.expert_sharing,
+            expert_lora_rank=options.expert_lora_rank if options.lora_targets else 0,
+            expert_lora_alpha=float(options.expert_lora_alpha or 0.0) if options.lora_targets else 0.0,
+            expert_lora_targets=options.lora_targets or None,
             upcycling=recipe,
             **adapter.moe_config_fields(dense_config),
         )

@@ -171,8 +171,11 @@ def parse_mix_recipe(document: Any, path: Path | None = None) -> MixRecipe:
     if recipe.shared_experts and recipe.shared_experts[0].copies != 1:
         raise _fail(name, "shared_experts[0].copies must be 1: the shared expert runs for every token")
     if recipe.has_prompts and GATE_MODES[gate_mode] not in ("hidden", "embedding"):
-        raise _fail(name, f"gate_mode={gate_mode!r} ignores prompts, but the experts have some; use gate_mode: hidden "
-                          "or cheap_embed, or remove the prompts")
+        prompted = {key: [i for i, e in enumerate(entries) if e.prompts.positive or e.prompts.negative]
+                    for key, entries in (("experts", recipe.experts), ("shared_experts", recipe.shared_experts))}
+        where = " and ".join(f"{key} {indices}" for key, indices in prompted.items() if indices)
+        raise _fail(name, f"gate_mode={gate_mode!r} ignores prompts, but {where} have positive_prompts or "
+                          "negative_prompts; use gate_mode: hidden or cheap_embed, or remove the prompts")
     if GATE_MODES[gate_mode] in ("hidden", "embedding"):
         missing = [i for i, e in enumerate(recipe.experts) if not e.prompts.positive]
         if missing:

@@ -71,6 +71,19 @@ def _fingerprint(reader: SafetensorsCheckpoint, keys: dict[str, str], names: lis
     return digest.hexdigest()
 
 
+def _same_mlps(builder: PlanBuilder, readers: dict[str, SafetensorsCheckpoint], index: dict[str, int],
+               names: list[str]) -> bool:
+    """Whether the models ``names`` hold the same MLP weights in every MoE layer. Hashes one layer's MLP tensors at a
+    time and stops at the first layer where they differ (branches trained with lower layers frozen differ late)."""
+    if len(names) == 1:
+        return True
+    for layer in builder.layers:
+        mlp = sorted(builder.mlp_tensors(layer))
+        if len({_fingerprint(readers[n], builder.source_keys[index[n]], mlp) for n in names}) > 1:
+            return False
+    return True
+
+
 def _options(recipe: MixRecipe, verify: bool, overwrite: bool) -> UpcycleOptions:
     router_init = GATE_MODES[recipe.gate_mode]
     try:
@@ -124,11 +137,11 @@ def mix(recipe: str | Path | dict | MixRecipe, output: str | Path, *, verify: bo
                           shared=ExpertSource(index[shared.source_model], shared.noise_scale, shared.residual_scale)
                           if shared else None)
 
-    mlp = sorted(builder.mlp_tensors(layers[0]))
-    distinct = {_fingerprint(readers[n], builder.source_keys[index[n]], mlp) for n in {e.source_model for e in recipe.experts}}
-    if len(distinct) == 1 and not (recipe.allow_identical_sources or allow_identical_sources):
-        raise InvalidOptionError("every expert has the same MLP weights: the mixture computes what that one model does "
-                                 "and its experts cannot specialise; upcycle it with `moe-upcycle convert` instead (or set "
+    expert_models = list(dict.fromkeys(e.source_model for e in recipe.experts))
+    if not (recipe.allow_identical_sources or allow_identical_sources) and _same_mlps(builder, readers, index, expert_models):
+        raise InvalidOptionError(f"every expert has the same MLP weights ({' = '.join(expert_models)}): the mixture "
+                                 "computes what that one model does and its experts cannot specialise; upcycle it with "
+                                 "`moe-upcycle convert` instead (or pass --allow-identical-sources / set "
                                  "allow_identical_sources: true, e.g. to test the mixer)")
     if options.router_init in ("hidden", "embedding"):
         prompts = [e.prompts for e in recipe.experts for _ in range(e.copies)]

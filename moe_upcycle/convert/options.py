@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import parse_size
 from ..errors import InvalidOptionError
-from ..modeling.configuration_upcycled_moe import RouterType
+from ..modeling.configuration_upcycled_moe import ExpertSharing, RouterType
 from ..modeling.routers import ROUTER_TYPES, ROUTERS
 from .router_data import DEFAULT_LOGIT_STD
 from .routers import ROUTER_RECIPES
@@ -26,6 +26,7 @@ DTYPES: dict[str, torch.dtype | None] = {
 DtypeName = Literal[tuple(DTYPES)]
 ROUTER_INITS: tuple[str, ...] = ("auto", "random", "uniform", "zero", "hidden", "embedding")
 RouterInit = Literal[ROUTER_INITS]
+LORA_TARGET_NAMES = {"gate_up": "up", "up": "up", "down": "down"}  # flag spelling -> runtime name
 LAYER_SPEC_HELP = "all | every:N[:OFFSET] | first-half | second-half | comma-separated indices such as 0,3,5"
 
 
@@ -143,6 +144,13 @@ class UpcycleOptions:
     router_init_std: float = option(0.02, "std of the random router")
     router_logit_std: float = option(DEFAULT_LOGIT_STD, "--router-init hidden|embedding: spread of the router logits "
                                                         "across experts that prompt rows are scaled to")
+    expert_sharing: ExpertSharing = option("none", "none: every expert owns a copy of the MLP; lora: the experts share "
+                                                   "the frozen MLP, each adds a low-rank delta (MixLoRA)")
+    expert_lora_rank: int = option(8, "--expert-sharing lora: rank r of each expert's delta", metavar="R")
+    expert_lora_alpha: float | None = option(None, "--expert-sharing lora: alpha of the deltas, scale alpha/r "
+                                                   "(default 2r, as MixLoRA)", metavar="A")
+    expert_lora_targets: str = option("up,down", "--expert-sharing lora: projections with a delta: up (the fused gate "
+                                                 "and up projection; also spelled gate_up) and/or down")
     expert_noise: float = option(0.0, "relative Gaussian noise per expert; > 0 breaks exactness on purpose")
     drop_upcycling_ratio: float = option(0.0, "Drop-Upcycling: re-initialise this fraction of each expert's neurons "
                                               "(paper: 0.5)", flag="--drop-upcycling", metavar="R")
@@ -207,6 +215,7 @@ class UpcycleOptions:
         if self.top_k % routed:
             raise _invalid("top_k", self.top_k, f"a multiple of the {routed} routed slices per MLP, so that every token "
                            "selects whole virtual groups (He et al. 2024: top-(G x k))")
+        self._check_sharing()
         if self.router_type not in ROUTER_TYPES:
             raise _invalid("router_type", self.router_type, f"one of {', '.join(ROUTER_TYPES)}")
         if self.router_init not in ROUTER_INITS:
@@ -230,6 +239,31 @@ class UpcycleOptions:
             raise _invalid("router_bias_update_rate", self.router_bias_update_rate,
                            "a number >= 0, and 0 unless router_type is "
                            + " or ".join(kind for kind, cls in ROUTERS.items() if cls.balancing_bias))
+
+    def _check_sharing(self) -> None:
+        if self.expert_sharing == "none":
+            return
+        if self.granularity != 1 or self.shared_experts or self.drop_upcycling_ratio or self.expert_noise:
+            raise _invalid("expert_sharing", self.expert_sharing, "none with --granularity, --shared-experts, "
+                           "--drop-upcycling or --expert-noise (shared-weight experts are whole MLPs that differ by "
+                           "their deltas only)")
+        if self.expert_lora_rank < 1:
+            raise _invalid("expert_lora_rank", self.expert_lora_rank, "an integer >= 1")
+        if self.expert_lora_alpha is None:
+            self.expert_lora_alpha = 2.0 * self.expert_lora_rank
+        if not self.expert_lora_alpha > 0:
+            raise _invalid("expert_lora_alpha", self.expert_lora_alpha, "a number > 0")
+        names = [n.strip() for n in self.expert_lora_targets.split(",") if n.strip()]
+        canonical = [LORA_TARGET_NAMES.get(n) for n in names]
+        if not names or None in canonical or len(set(canonical)) != len(canonical):
+            raise _invalid("expert_lora_targets", self.expert_lora_targets,
+                           "distinct comma-separated names from gate_up (or up) and down")
+        self.expert_lora_targets = ",".join(canonical)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """The adapted projections as the runtime config names them (``up``, ``down``)."""
+        return self.expert_lora_targets.split(",") if self.expert_sharing == "lora" else []
 
     @property
     def routed_slices(self) -> int:

@@ -145,7 +145,11 @@ class PlanBuilder:
                 raise CheckpointError(f"{reader_.folder} holds other tensors than {reader.folder}: "
                                       f"{sorted(keys.keys() ^ self.keys.keys())[:3]}")
             for name, key in keys.items():
-                _check_shape(key, reader_.info[key].shape, self.layout.shapes[name])
+                shape = tuple(reader_.info[key].shape)
+                if reader_ is not reader and shape != self.layout.shapes[name]:  # the base's tensors were checked first
+                    raise CheckpointError(f"{reader_.folder} has tensor {key} of shape {list(shape)} but {reader.folder} "
+                                          f"has {list(self.layout.shapes[name])}; mix needs models of one architecture")
+                _check_shape(key, shape, self.layout.shapes[name])
 
     # -- tensor producers ------------------------------------------------------------------------
     def _dtype(self, source_dtype: torch.dtype) -> torch.dtype:
@@ -257,10 +261,9 @@ class PlanBuilder:
                 source = self.experts[expert // routed]
                 if loaded != source:
                     dense = self._dense(layer, spec, source.source)[2]()
-                    slices = [self._mixed(self._routed_part(spec.name, dense, shared + g), spec, layer, expert, source)
-                              .to(dtype) for g in range(routed)]
+                    slices = [self._routed_part(spec.name, dense, shared + g) for g in range(routed)]
                     loaded = source
-                part = slices[expert % routed]
+                part = self._mixed(slices[expert % routed], spec, layer, expert, source).to(dtype)  # noise: per copy
                 if drop == 0 and (noise == 0 or spec.is_bias):
                     yield part
                 else:
@@ -268,6 +271,34 @@ class PlanBuilder:
                                     noise=noise).to(dtype)
 
         return PlannedTensor(f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}experts.{spec.name}", dtype, shape, chunks)
+
+    def _shared_base(self, layer: int, specs: list[ExpertTensor]) -> list[PlannedTensor]:
+        """Shared-weight experts (``expert_sharing="lora"``): the dense MLP once, as the experts module's
+        ``<projection>`` [out, in] (the output projection scaled like routed experts), and per adapted projection
+        ``<part>_lora_A`` [E, r, in] (nn.Linear's initialisation, seeded) and ``<part>_lora_B`` [E, out, r] zero."""
+        options, prefix = self.options, f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}experts."
+        E, r = options.num_experts, options.expert_lora_rank
+        planned, shapes = [], {}
+        for spec in specs:
+            shape, dtype, load = self._dense(layer, spec)
+            planned.append(PlannedTensor(prefix + spec.name, dtype, shape,
+                                         lambda spec=spec, load=load, dtype=dtype: [self._routed_part(spec.name, load(), 0)
+                                                                                    .to(dtype)]))
+            if not spec.is_bias:
+                shapes["down" if spec.name == "down_proj" else "up"] = (shape, dtype)
+        for part in options.lora_targets:
+            (out_dim, in_dim), dtype = shapes[part]
+
+            def lora_a(part=part, in_dim=in_dim, dtype=dtype):
+                bound = 1 / in_dim**0.5  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT initialise A
+                for expert in range(E):
+                    generator = seeded_generator(options.seed, layer, expert, "lora_A" + part)
+                    yield ((torch.rand((r, in_dim), generator=generator) * 2 - 1) * bound).to(dtype)
+
+            planned.append(PlannedTensor(f"{prefix}{part}_lora_A", dtype, (E, r, in_dim), lora_a))
+            planned.append(PlannedTensor(f"{prefix}{part}_lora_B", dtype, (E, out_dim, r),
+                                         lambda shape=(E, out_dim, r), dtype=dtype: [torch.zeros(shape, dtype=dtype)]))
+        return planned
 
     def shared_width(self) -> int:
         """Intermediate width of the shared expert (0: none): S slices, or a mixed model's whole MLP."""
@@ -359,7 +390,12 @@ class PlanBuilder:
         for name in self.layout.shapes:
             layer = replaced.get(name)
             if layer is not None:
-                if layer not in done:
+                if layer not in done and self.options.expert_sharing == "lora":
+                    base = self._shared_base(layer, specs)
+                    plan.extend(self._router(layer, base[0].dtype))
+                    plan.extend(base)
+                    done.add(layer)
+                elif layer not in done:
                     experts = [self._expert(layer, spec) for spec in specs]
                     plan.extend(self._router(layer, experts[0].dtype))
                     for spec, routed in zip(specs, experts, strict=True):

@@ -71,6 +71,9 @@ def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget) -> str | N
     for name, rule in target.dense_only_fields.items():
         if not isinstance(rule, str) and getattr(text, name, rule.value) != rule.value:
             return f"{rule.reason} ({name}={getattr(text, name)!r} in the source {text.model_type} config)"
+    if getattr(config, "expert_sharing", "none") != "none":
+        return "its experts share one MLP plus low-rank deltas; fold them into full experts first with " \
+               "`moe-upcycle materialize IN OUT`, then export that folder"
     if config.expert_kind != "glu" or config.expert_bias:
         return f"{target.label} experts are gated and unbiased; these are expert_kind={config.expert_kind!r}, " \
                f"expert_bias={config.expert_bias}"

@@ -17,6 +17,11 @@ from .routers import ROUTER_TYPES, ROUTERS
 EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")  # gated down(act(gate(x)) * up(x)), plain down(act(up(x)))
 ExpertKind = Literal[EXPERT_KINDS]
 RouterType = Literal[ROUTER_TYPES]  # the keys of the routers table
+# How experts hold their weights: each its own (``none``), or one shared frozen MLP plus a low-rank delta per expert.
+EXPERT_SHARINGS: tuple[str, ...] = ("none", "lora")
+ExpertSharing = Literal[EXPERT_SHARINGS]
+# The projections a shared-weight expert adapts: the (fused gate and) up projection, and the down projection.
+LORA_TARGETS: tuple[str, ...] = ("up", "down")
 
 
 class UpcycledMoeConfig(PreTrainedConfig):
@@ -37,6 +42,14 @@ class UpcycledMoeConfig(PreTrainedConfig):
         expert_kind: ``"glu"`` (gated: ``down(act(gate(x)) * up(x))``, weights ``gate_up_proj`` [E, 2I, H])
             or ``"mlp"`` (``down(act(up(x)))``, weights ``up_proj`` [E, I, H]).
         expert_bias: whether expert projections carry biases (GPT-2, GPT-NeoX, ``mlp_bias=True`` Llama).
+        expert_sharing: ``"none"`` (every expert owns its weights) or ``"lora"``: the experts share one frozen dense
+            MLP and expert e adapts each projection P in ``expert_lora_targets`` by a low-rank delta,
+            ``W_P + (expert_lora_alpha / expert_lora_rank) B_{e,P} A_{e,P}`` (MixLoRA, arXiv 2404.15159; PESC,
+            arXiv 2401.02731).
+        expert_lora_rank: r of the experts' deltas (``expert_sharing="lora"``).
+        expert_lora_alpha: alpha of the experts' deltas; the scale is alpha / r.
+        expert_lora_targets: projections with a delta: ``"up"`` (the fused gate and up projection of gated
+            experts, the up projection of plain ones) and/or ``"down"``.
         decoder_layers_path: dotted path of the decoder layer list inside the dense causal-LM module.
         mlp_module_name: attribute name of the feed-forward block inside one decoder layer.
         mlp_activation_attr: attribute of the dense MLP module that holds its activation function.
@@ -75,6 +88,10 @@ class UpcycledMoeConfig(PreTrainedConfig):
     expert_intermediate_size: int | None = None
     expert_kind: ExpertKind = "glu"
     expert_bias: bool = False
+    expert_sharing: ExpertSharing = "none"
+    expert_lora_rank: int = 0
+    expert_lora_alpha: float = 0.0
+    expert_lora_targets: list[str] | None = None
     decoder_layers_path: str = "model.layers"
     mlp_module_name: str = "mlp"
     mlp_activation_attr: str = "act_fn"
@@ -119,6 +136,15 @@ class UpcycledMoeConfig(PreTrainedConfig):
         _check(len(set(layers)) == len(layers), "moe_layers", layers, "distinct layer indices")
         self.moe_layers = sorted(layers)
         _check(self.expert_kind in EXPERT_KINDS, "expert_kind", self.expert_kind, f"one of {EXPERT_KINDS}")
+        _check(self.expert_sharing in EXPERT_SHARINGS, "expert_sharing", self.expert_sharing, f"one of {EXPERT_SHARINGS}")
+        if self.expert_sharing == "lora":
+            _check(isinstance(self.expert_lora_rank, int) and self.expert_lora_rank >= 1, "expert_lora_rank",
+                   self.expert_lora_rank, "an integer >= 1 when expert_sharing='lora'")
+            _check(isinstance(self.expert_lora_alpha, (int, float)) and self.expert_lora_alpha > 0, "expert_lora_alpha",
+                   self.expert_lora_alpha, "a number > 0")
+            targets = self.expert_lora_targets
+            _check(isinstance(targets, list) and 0 < len(targets) == len(set(targets)) and set(targets) <= set(LORA_TARGETS),
+                   "expert_lora_targets", targets, f"a non-empty list of distinct names from {LORA_TARGETS}")
         _check(isinstance(self.expert_intermediate_size, int) and self.expert_intermediate_size >= 1,
                "expert_intermediate_size", self.expert_intermediate_size, "an integer >= 1")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):

@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import (
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .fast_experts import sorted_experts_forward
+from .lora_experts import UpcycledLoraExperts, shared_lora_experts_forward
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
 from .routers import ROUTERS, Router
 
@@ -52,6 +53,7 @@ def default_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
 DEFAULT_EXPERTS_IMPLEMENTATION = "upcycled_default"
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_forward)
+ALL_EXPERTS_FUNCTIONS.register("shared_lora", shared_lora_experts_forward)
 
 # Every upcycled class keeps the dense model (with the MoE blocks swapped in) at ``self.model``, so checkpoint
 # tensor names are the dense model's behind this prefix.
@@ -138,7 +140,9 @@ class UpcycledMlpNoBiasExperts(_ExpertsBase):
 
 
 def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
-    """The experts class for ``config.expert_kind`` / ``config.expert_bias``."""
+    """The experts class for ``config.expert_sharing`` / ``config.expert_kind`` / ``config.expert_bias``."""
+    if config.expert_sharing == "lora":
+        return UpcycledLoraExperts
     if config.expert_kind == "mlp":
         return UpcycledMlpExperts if config.expert_bias else UpcycledMlpNoBiasExperts
     return UpcycledGluBiasExperts if config.expert_bias else UpcycledGluExperts
@@ -480,7 +484,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Head weights missing from the checkpoint (a fresh classifier, an MLM head's bias) are initialised
         as the dense family initialises them; routers and experts keep their constructor initialisation."""
-        if not isinstance(module, (Router, _ExpertsBase)):
+        if not isinstance(module, (Router, _ExpertsBase, UpcycledLoraExperts)):
             self._dense_head._init_weights(module)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -1,0 +1,136 @@
+"""Experts that share one frozen dense MLP, each with its own low-rank delta (MixLoRA, Li et al. 2024,
+arXiv 2404.15159; PESC, Wu et al. 2024, arXiv 2401.02731).
+
+Expert e computes the dense MLP's function with every adapted projection P replaced by
+``W_P + s * B_{e,P} @ A_{e,P}``, ``s = alpha / r``. Tensors (one layer):
+
+- shared base, as the dense MLP holds it: ``gate_up_proj`` [2I, H] (gate rows, then up) or ``up_proj`` [I, H];
+  ``down_proj`` [H, I]; biases ``<name>_bias`` [out] when the family has them;
+- per adapted projection (``up``: the first, ``down``: the second): ``<p>_lora_A`` [E, r, in], ``<p>_lora_B``
+  [E, out, r]. B starts at zero (PEFT's initialisation), so a converted model is exactly the dense one.
+
+:meth:`reference` is the eager reference (one loop over active experts, each projection taken per expert);
+:func:`shared_lora_experts_forward`, registered as the experts kernel ``shared_lora``, is the fast path: the frozen
+base projections run once per token, not once per selected expert: the up projection because it does not depend
+on the expert, and the down projection because it is linear, ``sum_k w_k (W h_k + b) = W (sum_k w_k h_k) +
+b sum_k w_k``. Only the rank-r parts run per (token, expert).
+
+Part of the self-contained runtime folder: imports only ``torch``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UpcycledLoraExperts(nn.Module):
+    """E experts over one shared MLP: ``down_e(act(gate_e(x)) * up_e(x))`` or ``down_e(act(up_e(x)))``."""
+
+    def __init__(self, config, act_fn: nn.Module):
+        super().__init__()
+        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        r = config.expert_lora_rank
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.num_experts, self.hidden_dim, self.intermediate_dim, self.rank = E, H, I, r
+        self.scaling = config.expert_lora_alpha / r
+        self.has_gate, self.has_bias = config.expert_kind == "glu", bool(config.expert_bias)
+        self.up_name = "gate_up_proj" if self.has_gate else "up_proj"
+        up_dim = 2 * I if self.has_gate else I
+        self.shapes = {"up": (up_dim, H), "down": (H, I)}  # [out, in] of each projection
+        for part, (out_dim, in_dim) in self.shapes.items():
+            name = self.projection(part)
+            setattr(self, name, nn.Parameter(torch.empty(out_dim, in_dim).normal_(std=std)))
+            if self.has_bias:
+                setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(out_dim)))
+        self.targets = tuple(config.expert_lora_targets)
+        for part in self.targets:
+            out_dim, in_dim = self.shapes[part]
+            lora_a = torch.empty(E, r, in_dim)
+            for e in range(E):  # PEFT's LoRA initialisation: A like nn.Linear, B zero
+                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
+            setattr(self, f"{part}_lora_A", nn.Parameter(lora_a))
+            setattr(self, f"{part}_lora_B", nn.Parameter(torch.zeros(E, out_dim, r)))
+        self.act_fn = act_fn
+        self.config = config
+
+    def projection(self, part: str) -> str:
+        return self.up_name if part == "up" else "down_proj"
+
+    def base(self, part: str, x: torch.Tensor) -> torch.Tensor:
+        """The shared projection: x [N, in] -> [N, out]."""
+        name = self.projection(part)
+        return F.linear(x, getattr(self, name), getattr(self, f"{name}_bias") if self.has_bias else None)
+
+    def delta(self, part: str, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s low-rank change of projection ``part``: s * (x A_e^T) B_e^T, x [N, in] -> [N, out]."""
+        a, b = getattr(self, f"{part}_lora_A")[expert], getattr(self, f"{part}_lora_B")[expert]
+        return F.linear(F.linear(x, a), b) * self.scaling
+
+    def activate(self, up: torch.Tensor) -> torch.Tensor:
+        """[N, 2I] (gate, up) or [N, I] -> [N, I]."""
+        if self.has_gate:
+            gate, up = up.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        return self.act_fn(up)
+
+    def expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert ``expert`` on x [N, H] -> [N, H], its projections taken one by one (the reference)."""
+        up = self.base("up", x) + (self.delta("up", x, expert) if "up" in self.targets else 0)
+        h = self.activate(up)
+        return self.base("down", h) + (self.delta("down", h, expert) if "down" in self.targets else 0)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """[T, H], [T, k], [T, k] -> [T, H] with the configured experts kernel: ``eager`` runs :meth:`reference`,
+        anything else the shared-weight kernel (the 3-D kernels of full experts do not apply to this layout)."""
+        if getattr(self.config, "_experts_implementation", None) == "eager":
+            return self.reference(hidden_states, top_k_index, top_k_weights)
+        return shared_lora_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    def reference(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Eager reference. hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+        final = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == expert)
+            out = self.expert(hidden_states[token], expert) * top_k_weights[token, slot, None]
+            final.index_add_(0, token, out.to(final.dtype))
+        return final
+
+
+def _per_expert(x: torch.Tensor, counts: list[int], fn) -> torch.Tensor:
+    """Apply ``fn(rows, expert)`` to the expert-contiguous row blocks of x [S, in] and concatenate: [S, out]."""
+    return torch.cat([fn(rows, e) for e, rows in enumerate(x.split(counts)) if counts[e]], dim=0)
+
+
+def shared_lora_experts_forward(self: UpcycledLoraExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The shared-weight kernel (contract of an experts kernel): [T, H], [T, k], [T, k] -> [T, H].
+
+    The S = T*k (token, slot) pairs are sorted by expert once; the base up projection runs on the T tokens, the
+    deltas on each expert's rows, and the base down projection on the T routing-weighted sums of activations.
+    """
+    T, k = top_k_index.shape
+    order = top_k_index.reshape(-1).argsort(stable=True)  # (token, slot) pairs, expert-contiguous
+    counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()
+    token = order // k
+    weights = top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)  # [S, 1]
+    up = self.base("up", hidden_states)[token]  # [S, U]: computed for T tokens, gathered for S pairs
+    if "up" in self.targets:
+        up = up + _per_expert(hidden_states[token], counts, lambda rows, e: self.delta("up", rows, e))
+    h = self.activate(up)  # [S, I]
+    weighted = h * weights
+    mixed = torch.zeros(T, h.shape[-1], dtype=h.dtype, device=h.device).index_add_(0, token, weighted)  # [T, I]
+    out = F.linear(mixed, self.down_proj)  # [T, H]
+    if self.has_bias:
+        total = torch.zeros(T, 1, dtype=h.dtype, device=h.device).index_add_(0, token, weights)
+        out = out + self.down_proj_bias * total
+    if "down" in self.targets:
+        deltas = _per_expert(h, counts, lambda rows, e: self.delta("down", rows, e)) * weights  # [S, H]
+        out = out.index_add(0, token, deltas)
+    return out
+
+
+__all__ = ["UpcycledLoraExperts", "shared_lora_experts_forward"]
