@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import moe_upcycle
+import moe_upcycle.train.evaluate_file  # noqa: F401  (used as moe_upcycle.train.evaluate_file)
 from moe_upcycle.cli import main
 from moe_upcycle.convert.verify import fixed_batch
 from moe_upcycle.modeling.configuration_upcycled_moe import UpcycledMoeConfig
@@ -115,7 +116,7 @@ def test_materialize_equals_the_shared_model_and_a_hand_built_one(family, tmp_pa
             lora = block.experts
             for part in ("up", "down"):
                 name = lora.projection(part)
-                a, b = getattr(lora, f"{part}_lora_A"), getattr(lora, f"{part}_lora_B")
+                a, b = getattr(lora.deltas, f"{part}_lora_A"), getattr(lora.deltas, f"{part}_lora_B")
                 getattr(hand.experts, name).copy_(getattr(lora, name) + lora.scaling * b @ a)
     input_ids, attention_mask = fixed_batch(VOCAB, batch_size=2, seq_len=16)
     real = attention_mask.bool()
@@ -156,3 +157,57 @@ def test_card_states_the_delta_count(tmp_path):
     L, E, r, H, I = 3, 4, 4, 32, 48  # tests/families.py llama
     card = (moe / "README.md").read_text()
     assert f"the deltas hold {L * E * r * ((H + 2 * I) + (I + H)):,} parameters" in card
+
+
+@pytest.fixture(scope="module")
+def shared_model(small_models, tmp_path_factory):
+    """The small pre-trained dense Llama (tests/conftest.py), upcycled with shared-weight experts."""
+    dense, _ = small_models
+    out = tmp_path_factory.mktemp("shared") / "moe"
+    moe_upcycle.upcycle(dense, out, num_experts=4, top_k=2, expert_sharing="lora", expert_lora_rank=8)
+    return out
+
+
+def test_training_changes_only_deltas_and_routers(shared_model, docs_files, tmp_path):
+    train, valid = docs_files
+    (tmp_path / "train.txt").write_text(train.read_text()[:20000])
+    (tmp_path / "valid.txt").write_text(valid.read_text()[:4000])
+    run = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", str(shared_model), "--train_file", str(tmp_path / "train.txt"),
+            "--validation_file", str(tmp_path / "valid.txt"), "--output_dir", str(run), "--block_size", "64",
+            "--per_device_train_batch_size", "8", "--max_steps", "12", "--learning_rate", "3e-3",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
+            "--eval_strategy", "no"]
+    before = {}
+    for shard in sorted(shared_model.glob("*.safetensors")):
+        before |= load_file(shard)
+    assert main(argv) == 0
+    after = {}
+    for shard in sorted(run.glob("*.safetensors")):
+        after |= load_file(shard)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed, "training changed nothing"
+    assert all("deltas." in name or name.endswith(".mlp.gate.weight") for name in changed), sorted(changed)[:5]
+    assert any("_lora_B" in name for name in changed), "the deltas did not train"
+    results = json.loads((run / "all_results.json").read_text()) if (run / "all_results.json").is_file() else {}
+    losses = [moe_upcycle.train.evaluate_file.evaluate_file(str(m), str(tmp_path / "valid.txt"), block_size=64)["eval_loss"]
+              for m in (shared_model, run)]
+    assert losses[1] < losses[0], (losses, results)
+
+
+def test_lora_training_saves_only_what_trained(shared_model, docs_files, tmp_path):
+    train, _ = docs_files
+    (tmp_path / "train.txt").write_text(train.read_text()[:6000])
+    run = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", str(shared_model), "--train_file", str(tmp_path / "train.txt"),
+            "--output_dir", str(run), "--block_size", "64", "--per_device_train_batch_size", "4", "--max_steps", "2",
+            "--use_lora", "--lora_target", "attention", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+    assert main(argv) == 0
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert sorted(adapter["modules_to_save"]) == ["mlp.experts.deltas", "mlp.gate"]
+    saved = load_file(run / "adapter_model.safetensors")
+    assert any("deltas" in n and "_lora_B" in n for n in saved) and any("q_proj.lora_A" in n for n in saved)
+    assert not [n for n in saved if ".experts." in n and "deltas" not in n], "the shared MLP must not be saved"
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
+    assert _load(tmp_path / "merged").moe_blocks()[0].experts.deltas.up_lora_B.abs().sum() > 0

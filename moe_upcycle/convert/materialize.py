@@ -47,7 +47,7 @@ def _plan(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig) -> list[Plan
             plan.append(PlannedTensor(key, info.dtype, info.shape, lambda key=key: [reader.get(key)]))
             continue
         part = "down" if match["name"] == "down_proj" else "up"
-        lora = f"{match['prefix']}{part}_lora_"
+        lora = f"{match['prefix']}deltas.{part}_lora_"
         if match["bias"] or lora + "A" not in reader.info:  # a bias, or a projection without delta: repeated
             plan.append(PlannedTensor(key, info.dtype, (E, *info.shape),
                                       lambda key=key: [reader.get(key)] * E))

@@ -275,7 +275,8 @@ class PlanBuilder:
     def _shared_base(self, layer: int, specs: list[ExpertTensor]) -> list[PlannedTensor]:
         """Shared-weight experts (``expert_sharing="lora"``): the dense MLP once, as the experts module's
         ``<projection>`` [out, in] (the output projection scaled like routed experts), and per adapted projection
-        ``<part>_lora_A`` [E, r, in] (nn.Linear's initialisation, seeded) and ``<part>_lora_B`` [E, out, r] zero."""
+        ``deltas.<part>_lora_A`` [E, r, in] (nn.Linear's initialisation, seeded) and ``deltas.<part>_lora_B``
+        [E, out, r] zero."""
         options, prefix = self.options, f"{DENSE_PREFIX}{self.adapter.mlp_prefix(layer)}experts."
         E, r = options.num_experts, options.expert_lora_rank
         planned, shapes = [], {}
@@ -295,8 +296,8 @@ class PlanBuilder:
                     generator = seeded_generator(options.seed, layer, expert, "lora_A" + part)
                     yield ((torch.rand((r, in_dim), generator=generator) * 2 - 1) * bound).to(dtype)
 
-            planned.append(PlannedTensor(f"{prefix}{part}_lora_A", dtype, (E, r, in_dim), lora_a))
-            planned.append(PlannedTensor(f"{prefix}{part}_lora_B", dtype, (E, out_dim, r),
+            planned.append(PlannedTensor(f"{prefix}deltas.{part}_lora_A", dtype, (E, r, in_dim), lora_a))
+            planned.append(PlannedTensor(f"{prefix}deltas.{part}_lora_B", dtype, (E, out_dim, r),
                                          lambda shape=(E, out_dim, r), dtype=dtype: [torch.zeros(shape, dtype=dtype)]))
         return planned
 

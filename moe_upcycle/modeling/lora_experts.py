@@ -6,7 +6,8 @@ Expert e computes the dense MLP's function with every adapted projection P repla
 
 - shared base, as the dense MLP holds it: ``gate_up_proj`` [2I, H] (gate rows, then up) or ``up_proj`` [I, H];
   ``down_proj`` [H, I]; biases ``<name>_bias`` [out] when the family has them;
-- per adapted projection (``up``: the first, ``down``: the second): ``<p>_lora_A`` [E, r, in], ``<p>_lora_B``
+- per adapted projection (``up``: the first, ``down``: the second), in the child module ``deltas`` (what training
+  changes, saved on its own by PEFT's ``modules_to_save``): ``deltas.<p>_lora_A`` [E, r, in], ``deltas.<p>_lora_B``
   [E, out, r]. B starts at zero (PEFT's initialisation), so a converted model is exactly the dense one.
 
 :meth:`reference` is the eager reference (one loop over active experts, each projection taken per expert);
@@ -25,6 +26,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class ExpertDeltas(nn.Module):
+    """The low-rank deltas of E experts: ``<p>_lora_A`` [E, r, in] (nn.Linear's initialisation, as PEFT's LoRA A)
+    and ``<p>_lora_B`` [E, out, r] (zero) for each projection ``p`` in ``shapes`` (name -> [out, in])."""
+
+    def __init__(self, num_experts: int, rank: int, shapes: dict[str, tuple[int, int]]):
+        super().__init__()
+        for part, (out_dim, in_dim) in shapes.items():
+            lora_a = torch.empty(num_experts, rank, in_dim)
+            for e in range(num_experts):
+                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
+            setattr(self, f"{part}_lora_A", nn.Parameter(lora_a))
+            setattr(self, f"{part}_lora_B", nn.Parameter(torch.zeros(num_experts, out_dim, rank)))
 
 
 class UpcycledLoraExperts(nn.Module):
@@ -47,13 +62,7 @@ class UpcycledLoraExperts(nn.Module):
             if self.has_bias:
                 setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(out_dim)))
         self.targets = tuple(config.expert_lora_targets)
-        for part in self.targets:
-            out_dim, in_dim = self.shapes[part]
-            lora_a = torch.empty(E, r, in_dim)
-            for e in range(E):  # PEFT's LoRA initialisation: A like nn.Linear, B zero
-                nn.init.kaiming_uniform_(lora_a[e], a=math.sqrt(5))
-            setattr(self, f"{part}_lora_A", nn.Parameter(lora_a))
-            setattr(self, f"{part}_lora_B", nn.Parameter(torch.zeros(E, out_dim, r)))
+        self.deltas = ExpertDeltas(E, r, {part: self.shapes[part] for part in self.targets})
         self.act_fn = act_fn
         self.config = config
 
@@ -67,7 +76,7 @@ class UpcycledLoraExperts(nn.Module):
 
     def delta(self, part: str, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert ``expert``'s low-rank change of projection ``part``: s * (x A_e^T) B_e^T, x [N, in] -> [N, out]."""
-        a, b = getattr(self, f"{part}_lora_A")[expert], getattr(self, f"{part}_lora_B")[expert]
+        a, b = getattr(self.deltas, f"{part}_lora_A")[expert], getattr(self.deltas, f"{part}_lora_B")[expert]
         return F.linear(F.linear(x, a), b) * self.scaling
 
     def activate(self, up: torch.Tensor) -> torch.Tensor:
@@ -133,4 +142,4 @@ def shared_lora_experts_forward(self: UpcycledLoraExperts, hidden_states: torch.
     return out
 
 
-__all__ = ["UpcycledLoraExperts", "shared_lora_experts_forward"]
+__all__ = ["ExpertDeltas", "UpcycledLoraExperts", "shared_lora_experts_forward"]

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import MoeArguments
-from .lora_targets import LORA_TARGET_GROUPS, find_targets, moe_blocks
+from .lora_targets import LORA_TARGET_GROUPS, expert_deltas, find_targets, moe_blocks
 
 
 @contextmanager
@@ -36,9 +36,19 @@ def resolved_targets_kept():
 
 
 def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
-    """Wrap or freeze ``model`` as ``moe`` asks; print what trains."""
+    """Wrap or freeze ``model`` as ``moe`` asks; print what trains.
+
+    Shared-weight experts (``--expert-sharing lora``) keep their shared MLP frozen: without ``--use_lora`` their
+    deltas and the routers train; with it, ``experts`` in ``--lora_target`` means their deltas (trained fully and
+    saved in the adapter, as the routers are).
+    """
     is_moe = bool(moe_blocks(model))
-    if moe.router_only:
+    shared_weights = bool(expert_deltas(model))
+    if shared_weights and not moe.use_lora and not moe.router_only:
+        trained = tuple(f".{name}." for name in expert_deltas(model) + LORA_TARGET_GROUPS["router"].resolve(model))
+        for name, param in model.named_parameters():
+            param.requires_grad = any(part in f".{name}" for part in trained)
+    elif moe.router_only:
         if not is_moe:
             raise InvalidOptionError("--router_only needs an upcycled MoE model; this model has no routers")
         routers = tuple(f".{r}" for r in LORA_TARGET_GROUPS["router"].resolve(model))  # e.g. ".mlp.gate"
@@ -48,6 +58,8 @@ def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
         targets = moe.lora_target
         if moe.train_router and is_moe and "router" not in targets:
             targets = [*targets, "router"]
+        if shared_weights:  # their experts are adapted by their own deltas
+            targets = list(dict.fromkeys("expert_deltas" if t == "experts" else t for t in [*targets, "experts"]))
         if not is_moe:
             wanted = [t for t in targets if t in LORA_TARGET_GROUPS and LORA_TARGET_GROUPS[t].needs_moe]
             if wanted:

@@ -87,11 +87,21 @@ def _attention(model: nn.Module) -> list[str]:
 
 
 def _experts(model: nn.Module) -> list[str]:
-    """The 3-D expert tensors of every MoE block, named from the block's attribute (``mlp.experts.gate_up_proj``)."""
+    """The 3-D expert tensors of every MoE block, named from the block's attribute (``mlp.experts.gate_up_proj``).
+    Shared-weight experts have none: their per-expert part is their ``deltas`` (the ``expert_deltas`` group)."""
     return sorted({
         f"{path.rsplit('.', 1)[-1]}.experts.{name}"
         for path, block in moe_blocks(model).items()
         for name, tensor in block.experts.named_parameters(recurse=False) if tensor.dim() == 3
+    })
+
+
+def expert_deltas(model: nn.Module) -> list[str]:
+    """The ``deltas`` module of every shared-weight experts module (``mlp.experts.deltas``): the low-rank part
+    each expert owns (``convert --expert-sharing lora``)."""
+    return sorted({
+        f"{path.rsplit('.', 1)[-1]}.experts.deltas"
+        for path, block in moe_blocks(model).items() if isinstance(getattr(block.experts, "deltas", None), nn.Module)
     })
 
 
@@ -145,6 +155,9 @@ LORA_TARGET_GROUPS: dict[str, LoraTargetGroup] = {group.name: group for group in
                     "(or name its linear modules instead)"),
     LoraTargetGroup("router", "the routers, trained fully", "modules_to_save", _routers,
                     "needs a MoE model; this one has no routers", needs_moe=True),
+    LoraTargetGroup("expert_deltas", "the low-rank deltas of shared-weight experts, trained fully", "modules_to_save",
+                    expert_deltas, "needs shared-weight experts (moe-upcycle convert --expert-sharing lora)",
+                    needs_moe=True),
 )}
 
 
