@@ -106,7 +106,8 @@ def _expert(where: str, entry: Any) -> MixExpert:
     if unknown:
         raise _fail(where, f"unknown key(s) {unknown}; allowed: {sorted(EXPERT_KEYS)}")
     source = _typed(where, "source_model", entry.get("source_model"), str, "a local folder or Hub model id")
-    noise = _typed(where, "noise_scale", entry.get("noise_scale") or 0.0, (int, float), "a number >= 0")
+    noise = entry.get("noise_scale")
+    noise = 0.0 if noise is None else _typed(where, "noise_scale", noise, (int, float), "a number >= 0")
     residual = entry.get("residual_scale")
     residual = 1.0 if residual is None else _typed(where, "residual_scale", residual, (int, float), "a number")
     copies = _typed(where, "copies", entry.get("copies", 1), int, "an integer >= 1")
@@ -132,17 +133,18 @@ def parse_mix_recipe(document: Any, path: Path | None = None) -> MixRecipe:
     experts = document.get("experts")
     if not isinstance(experts, list) or not experts:
         raise _fail(name, f"experts must be a non-empty list of {{source_model: ...}} entries, got {experts!r:.80}")
-    shared = document.get("shared_experts") or []
+    shared = document.get("shared_experts")
+    shared = [] if shared is None else shared
     if not isinstance(shared, list) or len(shared) > 1:
         raise _fail(name, f"shared_experts must be a list of at most one entry, got {shared!r:.80}")
     base = document.get("base_model")
     if base is not None:
         _typed(name, "base_model", base, str, "a local folder or Hub model id")
     gate_mode = document.get("gate_mode", "hidden")
-    if gate_mode not in GATE_MODES:
+    if not isinstance(gate_mode, str) or gate_mode not in GATE_MODES:  # a list is unhashable
         raise _fail(name, f"gate_mode={gate_mode!r} is not one of {', '.join(GATE_MODES)}")
     architecture = document.get("architecture")
-    if architecture is not None and architecture not in ARCHITECTURES:
+    if architecture is not None and (not isinstance(architecture, str) or architecture not in ARCHITECTURES):
         raise _fail(name, f"architecture={architecture!r} is not one of {', '.join(ARCHITECTURES)} (omit it to keep "
                           "the upcycled_moe class, which runs every recipe)")
     nonexpert = document.get("nonexpert", "base" if base else "average")
