@@ -48,8 +48,8 @@ from .hostile import (
 
 REPO = "test-user/tiny-moe"
 UNREACHABLE = "http://127.0.0.1:9"  # loopback, closed port: connection refused at once
-COMMANDS = ("convert", "train", "merge", "evaluate", "analyze", "push", "push-online", "export")
-FOLDER_OUTPUTS = ("convert", "merge", "export")
+COMMANDS = ("convert", "mix", "train", "merge", "evaluate", "analyze", "push", "push-online", "export")
+FOLDER_OUTPUTS = ("convert", "mix", "merge", "export")
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -65,6 +65,7 @@ class Templates:
         small_dense, small_moe = small_models
         self.dense_sharded = build_dense("llama", root / "dense_sharded", shard_size="30KB")
         self.dense_single = build_dense("llama", root / "dense_single", shard_size="10MB")
+        self.dense_branch = build_dense("llama", root / "dense_branch", seed=1, shard_size="30KB")  # mix's 2nd source
         self.small_dense = small_dense
         self.moe_single = small_moe
         self.moe = root / "moe"  # sharded, with the tokenizer
@@ -122,7 +123,7 @@ class World:
         self.online = command == "push-online"
         self.offline_mode = False
         self.repo = REPO
-        if command == "convert":
+        if command in ("convert", "mix"):
             self.model = _copy(t.dense_sharded, root / "src")
         else:
             self.model = _copy(t.moe, root / "moe")
@@ -130,6 +131,9 @@ class World:
         if command == "merge":
             self.adapter = _copy(t.lora, root / "run")
             _retarget_adapter(self.adapter, self.model)
+        if command == "mix":  # two sources of one architecture, mixed as mergekit-moe's random gate does
+            self.branch = _copy(t.dense_branch, root / "branch")
+            self.recipe = yaml.safe_dump(self.mix_recipe(), sort_keys=False)
         self.push_folder = self.model
         if command.startswith("push"):  # no card yet: push renders one, and must not leave it behind on failure
             (self.model / "README.md").unlink(missing_ok=True)
@@ -138,7 +142,7 @@ class World:
             self.valid = root / "valid.txt"
             self.train.write_text(t.train_text)
             self.valid.write_text(t.valid_text)
-        self.out = {"convert": root / "out", "train": root / "trained", "merge": root / "merged",
+        self.out = {"convert": root / "out", "mix": root / "mixed", "train": root / "trained", "merge": root / "merged",
                     "evaluate": root / "eval.json", "export": root / "native",
                     "analyze": root / "routing"}.get(command)
 
@@ -170,6 +174,10 @@ class World:
                 "max_eval_samples": 4, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
                 "dataloader_pin_memory": False}
 
+    def mix_recipe(self, **keys) -> dict:
+        return {"gate_mode": "random", "experts_per_token": 2,
+                "experts": [{"source_model": str(self.model)}, {"source_model": str(self.branch)}], **keys}
+
     def write_recipe(self) -> Path:
         self.recipe_path = self.recipe_path or self.root / "recipe.yaml"
         if self.recipe is not None and not self.recipe_path.exists():
@@ -182,6 +190,8 @@ class World:
             if self.recipe is not None or self.recipe_path is not None:
                 return ["convert", "--config", self.write_recipe(), self.model, self.out, *ow, *self.extra]
             return ["convert", self.model, self.out, "--num-experts", "4", "--top-k", "2", *ow, *self.extra]
+        if c == "mix":
+            return ["mix", self.write_recipe(), self.out, *ow, *self.extra]
         if c == "train":
             if self.recipe is not None or self.recipe_path is not None:
                 return ["train", "--config", self.write_recipe(), *self.extra]
@@ -752,6 +762,82 @@ for _command, _table in (("convert", CONVERT_WRONG_TYPES), ("train", TRAIN_WRONG
                      _recipe_value(_key, _value, existing_output=_command == "convert" and _key == "overwrite"))
 
 
+# mix: its recipe (mergekit-moe's YAML: syntax, wrong value types at the top and in an expert) and its second source.
+def _mix_recipe_text(text: str | bytes | None, kind: str = "text") -> Mutation:
+    write = _recipe_text(text, kind)
+
+    def mutate(world: World) -> None:
+        world.recipe = None  # the recipe file is what ``write`` leaves there, or nothing
+        write(world)
+
+    return mutate
+
+
+def _mix_recipe_value(key: str, value, in_expert: bool = False) -> Mutation:
+    def mutate(world: World) -> None:
+        recipe = world.mix_recipe() if in_expert else world.mix_recipe(**{key: value})
+        if in_expert:
+            recipe["experts"][0][key] = value
+        world.recipe = yaml.safe_dump(recipe, sort_keys=False)
+
+    return mutate
+
+
+MIX_WRONG_VALUES = {
+    "experts_per_token": {"string": "two", "true": True, "zero": 0, "three_of_two": 3},
+    "gate_mode": {"list": ["random"], "not_a_choice": "bogus"},
+    "experts": {"string": "src", "empty": []},
+    "base_model": {"number": 5},
+    "nonexpert": {"list": ["base"]},
+    "dtype": {"not_a_choice": "int8"},
+    "layers": {"dict": {"every": 2}},
+    "allow_identical_sources": {"quoted_no": "no"},
+    "experts_per_tok": {"unknown_key": 2},
+}
+MIX_WRONG_EXPERT_VALUES = {"source_model": {"list": ["src"]}, "noise_scale": {"string": "lots", "false": False},
+                           "copies": {"zero": 0, "float": 1.5}, "residual_scale": {"true": True},
+                           "positive_prompts": {"with_random_gate": ["def f():"]}, "weight": {"unknown_key": 0.5}}
+for _name in ("unclosed_flow", "top_level_list"):
+    register("recipe_mix", f"syntax_{_name}", _mix_recipe_text(YAML_SYNTAX[_name]))
+register("recipe_mix", "not_utf8", _mix_recipe_text(b"gate_mode: random\n\xff\xfe\x00: 2\n"))
+register("recipe_mix", "file_missing", _mix_recipe_text(None, "missing"))
+register("recipe_mix", "file_is_directory", _mix_recipe_text(None, "directory"))
+for _in_expert, _table in ((False, MIX_WRONG_VALUES), (True, MIX_WRONG_EXPERT_VALUES)):
+    for _key, _values in _table.items():
+        for _kind, _value in _values.items():
+            register("recipe_mix", f"{'expert_' if _in_expert else ''}{_key}_{_kind}",
+                     _mix_recipe_value(_key, _value, _in_expert))
+
+
+def _mix_source(kind: str) -> Mutation:
+    def mutate(world: World) -> None:
+        branch = world.branch
+        if kind == "branch_missing":
+            shutil.rmtree(branch)
+        elif kind == "branch_is_file":
+            shutil.rmtree(branch)
+            branch.write_text("not a model folder\n")
+        elif kind == "branch_identical":  # a copy of the first source: nothing to specialise, refused without the flag
+            shutil.rmtree(branch)
+            _copy(world.model, branch)
+        elif kind == "branch_hidden_size":  # its weights disagree with its config too: the config is compared first
+            config = json.loads((branch / "config.json").read_text())
+            (branch / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+        elif kind in SHARD_MUTATIONS:  # the second source's first shard
+            SHARD_MUTATIONS[kind](world, weight_files(branch)[0])
+        elif kind == "output_is_branch":
+            world.out, world.overwrite = branch, True
+        else:
+            raise AssertionError(kind)
+
+    return mutate
+
+
+for _kind in ("branch_missing", "branch_is_file", "branch_identical", "branch_hidden_size", "header_json_list",
+              "shape_size_mismatch", "output_is_branch"):
+    register("mix_sources", _kind, _mix_source(_kind))
+
+
 # Outputs: the input itself, inside or around an input, a file, under a file, unwritable, too long, full disk.
 def _output(kind: str) -> Mutation:
     def mutate(world: World) -> None:
@@ -828,6 +914,8 @@ FOLDER_OUTPUT_KINDS = ("is_input", "is_input_no_overwrite", "inside_input", "con
                        "name_too_long", "parent_immutable", "read_only_fs", "disk_full", "file_size_limit")
 OUTPUT_KINDS = {
     "convert": FOLDER_OUTPUT_KINDS,
+    "mix": ("is_input", "is_input_no_overwrite", "inside_input", "contains_input", "is_file", "under_file",
+            "exists_foreign_overwrite", "exists_ours_no_overwrite", "name_too_long", "disk_full"),
     "export": FOLDER_OUTPUT_KINDS,
     "merge": (*FOLDER_OUTPUT_KINDS, "is_adapter"),
     "train": ("is_input", "contains_input", "contains_input_project", "is_file", "under_file", "name_too_long",
@@ -910,6 +998,7 @@ register("push_online", "offline_mode", _push("offline_mode"))
 APPLIES: dict[str, tuple[str, ...]] = {
     "convert": ("weights", "weights_single", "index", "config", "config_dense", "files", "recipe_convert",
                 "output_convert", "flags_convert"),
+    "mix": ("weights", "index", "config", "files", "recipe_mix", "mix_sources", "output_mix"),
     "train": ("weights", "index", "config", "config_moe", "files", "tokenizer", "data_train", "data_valid", "recipe_train",
               "output_train", "flags_train"),
     "merge": ("weights", "index", "config", "config_moe", "files", "tokenizer", "adapter_config", "adapter_base",
@@ -931,6 +1020,11 @@ CORE_SHARD = ("random_bytes_64", "truncated_in_header", "truncated_half_data", "
 CORE_INDEX = ("invalid_json", "json_list", "weight_map_list", "weight_map_missing", "weight_map_values_int",
               "weight_map_unknown_file", "weight_map_path_traversal")
 EXPENSIVE = {"train", "merge", "evaluate", "analyze"}
+# mix reads its sources with convert's reader (every shard and index mutation runs there): a few of each here.
+SUBSETS = {**{command: {"weights": CORE_SHARD, "index": CORE_INDEX} for command in EXPENSIVE},
+           "mix": {"weights": ("random_bytes_64", "truncated_half_data", "header_json_list", "shape_size_mismatch",
+                               "shard_missing"),
+                   "index": ("invalid_json", "weight_map_unknown_file", "weight_map_path_traversal")}}
 
 
 def _cases() -> list:
@@ -938,8 +1032,7 @@ def _cases() -> list:
     for command in COMMANDS:
         for group in APPLIES[command]:
             for name in GROUPS[group]:
-                if command in EXPENSIVE and ((group == "weights" and name not in CORE_SHARD)
-                                             or (group == "index" and name not in CORE_INDEX)):
+                if name not in SUBSETS.get(command, {}).get(group, (name,)):
                     continue
                 cases.append(pytest.param(command, group, name, id=f"{command}-{group}-{name}"))
     return cases
@@ -980,7 +1073,8 @@ def test_bad_input_fails_cleanly_and_changes_nothing(command, group, name, templ
 
 SUBPROCESS_SUBSET = (
     "convert-weights-header_json_list", "convert-recipe_convert-overwrite_quoted_no", "convert-output_convert-is_input",
-    "convert-output_convert-file_size_limit", "train-output_train-is_input",
+    "convert-output_convert-file_size_limit", "mix-recipe_mix-syntax_unclosed_flow", "mix-mix_sources-branch_hidden_size",
+    "train-output_train-is_input",
     "train-data_train-parquet_garbage", "merge-adapter_config-peft_type_unknown", "evaluate-config_moe-num_experts_string",
     "push-online-push_online-offline_mode", "export-output_export-is_input", "export-config_moe-text_config.hidden_size_string",
     "analyze-data_valid-binary",
