@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -68,4 +69,18 @@ def build_dense(model_type: str, folder: Path, seed: int = 0, shard_size: str = 
     config = AutoConfig.for_model(VARIANT_OF.get(model_type, model_type), **{**FAMILY_CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder, max_shard_size=shard_size)
+    return folder
+
+
+def build_branch(base: Path, folder: Path, seed: int, scale: float = 0.05) -> Path:
+    """Save ``base`` with every weight (MLPs, attention, norms, embeddings) plus Gaussian noise of std ``scale`` to
+    ``folder``, with ``base``'s tokenizer files: a branch of ``base`` trained on its own data, for ``mix`` tests."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    model.save_pretrained(folder, max_shard_size="30KB")
+    for side_file in Path(base).glob("*token*"):
+        shutil.copy(side_file, folder / side_file.name)
     return folder

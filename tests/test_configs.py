@@ -1,4 +1,5 @@
-"""Every fine-tuning recipe in configs/ runs through the command on its own first line (a few steps on the test model)."""
+"""Every fine-tuning recipe and the mix example in configs/ run through the command on their own first line (a few steps
+on the test model)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moe_upcycle.cli import main
+
+from .families import build_branch
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FINETUNE_FILES = sorted(CONFIGS.glob("finetune_*.yaml"))
@@ -41,3 +45,23 @@ def test_finetune_recipe_runs_as_its_first_line_says(recipe, small_models, docs_
     assert main(argv) == 0
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+
+def test_mix_example_runs_as_its_first_line_says(small_models, tmp_path, monkeypatch):
+    """configs/mix_btx_example.yaml, its demo_run/ sources replaced by the test's small Llama and two branches of it."""
+    recipe_file = CONFIGS / "mix_btx_example.yaml"
+    line = recipe_file.read_text().splitlines()[0]
+    assert line.startswith("# moe-upcycle mix configs/mix_btx_example.yaml "), line
+    dense, _ = small_models
+    recipe = yaml.safe_load(recipe_file.read_text())
+    places = {"demo_run/dense": dense}
+    for expert in recipe["experts"]:
+        name = expert["source_model"]
+        places.setdefault(name, build_branch(dense, tmp_path / Path(name).name, seed=len(places)))
+        expert["source_model"] = str(places[name])
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / recipe_file.name).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    monkeypatch.chdir(tmp_path)  # the command names configs/... and demo_run/... relative to where it runs
+    assert main(shlex.split(line.removeprefix("# moe-upcycle "))) == 0
+    config = json.loads((tmp_path / "demo_run" / "btx-moe" / "config.json").read_text())
+    assert config["num_experts"] == 3 and config["upcycling"]["nonexpert"] == "average"

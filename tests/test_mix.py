@@ -22,7 +22,7 @@ from moe_upcycle.convert.verify import fixed_batch
 from moe_upcycle.modeling.modeling_upcycled_moe import DENSE_PREFIX
 from moe_upcycle.modeling.routers import Router
 
-from .families import build_dense
+from .families import build_branch, build_dense
 from .hostile import error_line, failure_problems, run_inprocess, snapshot, success_problems, tree_problems
 from .test_errors_train import _train_argv
 from .test_remote_code import assert_same_logits_without_package
@@ -63,17 +63,6 @@ def _with_tokenizer(folder: Path, tokenizer: Path) -> Path:
     return folder
 
 
-def _branch(base: Path, folder: Path, seed: int, tokenizer: Path) -> Path:
-    """``base`` with every weight (MLPs, attention, norms, embeddings) perturbed: a branch trained on its own data."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    model.save_pretrained(folder, max_shard_size="30KB")
-    return _with_tokenizer(folder, tokenizer)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tokenizers) -> dict[str, list[Path]]:
     """Per family: a base checkpoint and three branches of it, each with the same tokenizer."""
@@ -82,7 +71,7 @@ def sources(tmp_path_factory, tokenizers) -> dict[str, list[Path]]:
     for family in FAMILIES:
         base = build_dense(family, root / family / "base", vocab_size=VOCAB, **SMALL[family])
         _with_tokenizer(base, tokenizers[0])
-        made[family] = [base, *(_branch(base, root / family / f"branch{j}", 1 + j, tokenizers[0]) for j in range(3))]
+        made[family] = [base, *(build_branch(base, root / family / f"branch{j}", seed=1 + j) for j in range(3))]
     return made
 
 
