@@ -109,36 +109,41 @@ class UpcycledLoraExperts(nn.Module):
         return final
 
 
-def _per_expert(x: torch.Tensor, counts: list[int], fn) -> torch.Tensor:
-    """Apply ``fn(rows, expert)`` to the expert-contiguous row blocks of x [S, in] and concatenate: [S, out]."""
-    return torch.cat([fn(rows, e) for e, rows in enumerate(x.split(counts)) if counts[e]], dim=0)
-
-
 def shared_lora_experts_forward(self: UpcycledLoraExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                                 top_k_weights: torch.Tensor) -> torch.Tensor:
     """The shared-weight kernel (contract of an experts kernel): [T, H], [T, k], [T, k] -> [T, H].
 
-    The S = T*k (token, slot) pairs are sorted by expert once; the base up projection runs on the T tokens, the
-    deltas on each expert's rows, and the base down projection on the T routing-weighted sums of activations.
+    The shared up projection runs once on the T tokens, the shared down projection once on the routing-weighted
+    sum of the k activations. The rank-r parts of all E experts are stacked into one [E*r, in] matrix A and one
+    [E*r, out] matrix B, so each slot's delta is two dense matmuls through the E*r-wide bottleneck with the
+    columns of the unselected experts zeroed: no sort, no gather or scatter of [T*k, I] activations, and for
+    r*E much smaller than I the bottleneck costs a fraction of the shared projections (scripts/bench_shared_experts.py).
     """
     T, k = top_k_index.shape
-    order = top_k_index.reshape(-1).argsort(stable=True)  # (token, slot) pairs, expert-contiguous
-    counts = torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts).tolist()
-    token = order // k
-    weights = top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)  # [S, 1]
-    up = self.base("up", hidden_states)[token]  # [S, U]: computed for T tokens, gathered for S pairs
+    E, r, s = self.num_experts, self.rank, self.scaling
+    weights = top_k_weights.to(hidden_states.dtype)
+    deltas = self.deltas
+    up = self.base("up", hidden_states)  # [T, U]
     if "up" in self.targets:
-        up = up + _per_expert(hidden_states[token], counts, lambda rows, e: self.delta("up", rows, e))
-    h = self.activate(up)  # [S, I]
-    weighted = h * weights
-    mixed = torch.zeros(T, h.shape[-1], dtype=h.dtype, device=h.device).index_add_(0, token, weighted)  # [T, I]
+        a_up = F.linear(hidden_states, deltas.up_lora_A.reshape(E * r, -1)).view(T, E, r)  # [T, E, r]
+        b_up = deltas.up_lora_B.transpose(1, 2).reshape(E * r, -1)  # [E*r, U]
+    if "down" in self.targets:
+        a_down = deltas.down_lora_A.reshape(E * r, -1)  # [E*r, I]
+        bottleneck = 0
+    mixed = 0
+    for slot in range(k):
+        chosen = F.one_hot(top_k_index[:, slot], E).to(hidden_states.dtype)[:, :, None]  # [T, E, 1]
+        up_slot = up if "up" not in self.targets else torch.addmm(up, (a_up * chosen).reshape(T, E * r), b_up, alpha=s)
+        h = self.activate(up_slot)  # [T, I]
+        weight = weights[:, slot, None]  # [T, 1]
+        mixed = h * weight if slot == 0 else torch.addcmul(mixed, h, weight)
+        if "down" in self.targets:
+            bottleneck = bottleneck + F.linear(h, a_down).view(T, E, r) * (chosen * weight[:, :, None])
     out = F.linear(mixed, self.down_proj)  # [T, H]
     if self.has_bias:
-        total = torch.zeros(T, 1, dtype=h.dtype, device=h.device).index_add_(0, token, weights)
-        out = out + self.down_proj_bias * total
+        out = out + self.down_proj_bias * weights.sum(dim=-1, keepdim=True)
     if "down" in self.targets:
-        deltas = _per_expert(h, counts, lambda rows, e: self.delta("down", rows, e)) * weights  # [S, H]
-        out = out.index_add(0, token, deltas)
+        out = torch.addmm(out, bottleneck.reshape(T, E * r), deltas.down_lora_B.transpose(1, 2).reshape(E * r, -1), alpha=s)
     return out
 
 
