@@ -44,17 +44,20 @@ SHAPE = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hid
 MERGEKIT_FLAGS = ["--i-understand-this-is-not-useful-without-training", "--random-seed", "0", "--quiet"]
 
 
-def build_source(folder: Path) -> int:
-    """Write the dense checkpoint without ever holding more than one tensor; return its size in bytes."""
-    config = LlamaConfig(**SHAPE)
+def build_source(folder: Path, shape: dict | None = None, seed: int = 0) -> int:
+    """Write a dense Llama of ``shape`` (LlamaConfig fields, default SHAPE) with N(0, 0.02) weights drawn from ``seed``,
+    without ever holding more than one tensor; return its size in bytes."""
+    config = LlamaConfig(**(shape or SHAPE))
+    dtype, generator = config.dtype, torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     layout = dense_layout(config)
 
     def random(shape):
-        return lambda: [(torch.randn(shape) * 0.02).to(torch.bfloat16)]
+        return lambda: [(torch.randn(shape, generator=generator) * 0.02).to(dtype)]
 
-    plan = [PlannedTensor(name, torch.bfloat16, shape, random(shape)) for name, shape in layout.shapes.items()]
+    plan = [PlannedTensor(name, dtype, shape, random(shape)) for name, shape in layout.shapes.items()
+            if name not in layout.tied_targets]  # a tied lm_head is not stored
     write_sharded(folder, plan, max_shard_bytes=2 * 10**9)
     return sum(t.nbytes for t in plan)
 
