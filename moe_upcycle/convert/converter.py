@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,15 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from ..adapters import get_adapter
 from ..card import parameter_counts, source_license, write_card
-from ..checkpoint import SafetensorsCheckpoint, atomic_folder, check_output, copy_side_files, read_config, write_sharded
+from ..checkpoint import (
+    PlannedTensor,
+    SafetensorsCheckpoint,
+    atomic_folder,
+    check_output,
+    copy_side_files,
+    read_config,
+    write_sharded,
+)
 from ..errors import InvalidOptionError, VerificationError
 from ..hub import resolve_source
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
@@ -176,31 +186,40 @@ def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: Pl
     return moe_config
 
 
+@contextmanager
+def upcycled_checkpoint(output: Path, plan: list[PlannedTensor], config: UpcycledMoeConfig, *, overwrite: bool,
+                        inputs: list, side_files_from: Path, readers: list[SafetensorsCheckpoint] = (),
+                        max_shard_bytes: int, desc: str, task: str = "causal_lm") -> Iterator[tuple[Path, UpcycleResult]]:
+    """Write an upcycled checkpoint atomically: ``plan`` (checked against the model built on the meta device, name by
+    name), ``config``, the runtime code, the side files of ``side_files_from`` (tokenizer, ...) and a card. Yields
+    (the temporary folder, the result) so the caller can check it before ``output`` appears."""
+    meta_model = check_against_model(plan, config, task)
+    total_bytes = sum(t.nbytes for t in plan)
+    with atomic_folder(output, overwrite, inputs) as tmp:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+            shards = write_sharded(tmp, plan, max_shard_bytes, bar.update)
+        for reader in readers:
+            reader.close()
+        custom_object_save(meta_model, tmp, config=config)
+        if task == "encoder":  # one checkpoint, three Auto classes
+            config.auto_map = {**(config.auto_map or {}), **ENCODER_AUTO_MAP}
+        config.save_pretrained(tmp)
+        copy_side_files(side_files_from, tmp)
+        write_card(tmp, location=str(output))
+        total, active = parameter_counts(tmp, config.num_experts, config.num_experts_per_tok)
+        yield tmp, UpcycleResult(output=output.resolve(), moe_layers=list(config.moe_layers), shards=shards,
+                                 total_params=total, active_params=active, bytes_written=total_bytes, seconds=0.0)
+
+
 def write_moe(output: Path, inputs: list, plan: list, moe_config: UpcycledMoeConfig, adapter, options: UpcycleOptions,
               folder: Path, readers: list[SafetensorsCheckpoint], reasons: list[str], dtype: torch.dtype,
               desc: str) -> UpcycleResult:
-    """Check ``plan`` against the MoE model, write it with its config, runtime code, the side files of ``folder``
-    (tokenizer, ...) and a card into ``output`` atomically, and verify against ``folder`` if ``options.verify``."""
-    meta_model = check_against_model(plan, moe_config, adapter.task)
-    total_bytes = sum(t.nbytes for t in plan)
-    max_diff, notes = None, []
-    with atomic_folder(output, options.overwrite, inputs) as tmp:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-            shards = write_sharded(tmp, plan, options.max_shard_bytes, bar.update)
-        for reader in readers:
-            reader.close()
-        custom_object_save(meta_model, tmp, config=moe_config)
-        if adapter.task == "encoder":  # one checkpoint, three Auto classes
-            moe_config.auto_map = {**(moe_config.auto_map or {}), **ENCODER_AUTO_MAP}
-        moe_config.save_pretrained(tmp)
-        copy_side_files(folder, tmp)
-        write_card(tmp, location=str(output))
-        total, active = parameter_counts(tmp, options.num_experts, options.top_k)
+    """Write a conversion (:func:`upcycled_checkpoint`) and verify it against ``folder`` if ``options.verify``."""
+    with upcycled_checkpoint(output, plan, moe_config, overwrite=options.overwrite, inputs=inputs, side_files_from=folder,
+                             readers=readers, max_shard_bytes=options.max_shard_bytes, desc=desc,
+                             task=adapter.task) as (tmp, result):
         if options.verify:
             comparison = verify_conversion(folder, tmp, adapter.task)
-            max_diff = comparison.max_diff
-            notes.append(judge(comparison, reasons, dtype))
-    return UpcycleResult(
-        output=output.resolve(), moe_layers=list(moe_config.moe_layers), shards=shards, total_params=total,
-        active_params=active, bytes_written=total_bytes, seconds=0.0, max_logit_diff=max_diff, notes=notes,
-    )
+            result.max_logit_diff = comparison.max_diff
+            result.notes.append(judge(comparison, reasons, dtype))
+    return result

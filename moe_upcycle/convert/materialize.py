@@ -12,25 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-from transformers.dynamic_module_utils import custom_object_save
 
-from ..card import parameter_counts, write_card
 from ..checkpoint import (
     PlannedTensor,
     SafetensorsCheckpoint,
-    atomic_folder,
     check_output,
-    copy_side_files,
     parse_size,
     raw_config,
     read_config,
-    write_sharded,
 )
 from ..errors import InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from .converter import UpcycleResult
-from .plan import check_against_model
+from .converter import UpcycleResult, upcycled_checkpoint
 
 _BASE = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<name>gate_up_proj|up_proj|down_proj)(?P<bias>_bias)?$")
 
@@ -79,19 +72,11 @@ def materialize(folder: str | Path, output: str | Path, *, overwrite: bool = Fal
     config.expert_lora_targets = None
     config.upcycling = {**(config.upcycling or {}), "materialized_from": str(folder),
                         "reproduce": (config.upcycling or {}).get("reproduce")}
-    meta_model = check_against_model(plan, config)
-    total_bytes = sum(t.nbytes for t in plan)
-    with atomic_folder(output, overwrite, [folder]) as tmp:
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Materializing", leave=False) as bar:
-            shards = write_sharded(tmp, plan, parse_size(max_shard_size), bar.update)
-        reader.close()
-        custom_object_save(meta_model, tmp, config=config)
-        config.save_pretrained(tmp)
-        copy_side_files(folder, tmp)
-        write_card(tmp, location=str(output))
-        total, active = parameter_counts(tmp, config.num_experts, config.num_experts_per_tok)
-    return UpcycleResult(output=output.resolve(), moe_layers=list(config.moe_layers), shards=shards, total_params=total,
-                         active_params=active, bytes_written=total_bytes, seconds=time.perf_counter() - start)
+    with upcycled_checkpoint(output, plan, config, overwrite=overwrite, inputs=[folder], side_files_from=folder,
+                             readers=[reader], max_shard_bytes=parse_size(max_shard_size), desc="Materializing") as (_, result):
+        pass
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 __all__ = ["materialize"]
