@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,12 +127,14 @@ def parse_data_specs(items: Sequence[str]) -> dict[str, str]:
 
 def analyze(model: str | Path | PreTrainedModel, data: dict[str, str | Path], output: str | Path | None = None, *,
             tokenizer=None, text_column: str = "text", block_size: int = 256, batch_size: int = 8,
-            max_tokens: int | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> RoutingReport:
+            max_tokens: int | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+            observe: Callable[[list[torch.Tensor]], None] | None = None) -> RoutingReport:
     """Route every named data set through ``model`` and report the share of its tokens each expert receives.
 
     ``model``: a folder or Hub id (loaded with ``AutoModelForCausalLM``), or a loaded model with ``tokenizer``.
     ``data``: data set name -> local .txt / .json(l) / .parquet file. ``max_tokens``: at most this many tokens per
-    data set (whole blocks). ``output``: a folder to write :data:`REPORT_FILE` and :data:`HEATMAP_FILE` to, never
+    data set (whole blocks). ``observe``: called with each batch's router logits (one [tokens, E] per MoE layer).
+    ``output``: a folder to write :data:`REPORT_FILE` and :data:`HEATMAP_FILE` to, never
     an input nor inside one; it is checked before any work and appears only when everything succeeded.
     """
     if not isinstance(data, dict) or not data:
@@ -159,7 +161,7 @@ def analyze(model: str | Path | PreTrainedModel, data: dict[str, str | Path], ou
         with explained_loading(path):
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     report = _route(model, str(path or type(model).__name__), blocks, {k: str(v) for k, v in data.items()}, batch_size,
-                    block_size)
+                    block_size, observe)
     if output is not None:
         with atomic_folder(Path(output), overwrite, inputs) as folder:
             (folder / REPORT_FILE).write_text(report.to_json())
@@ -221,7 +223,7 @@ def moe_blocks(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 
 @torch.no_grad()
 def _route(model: PreTrainedModel, name: str, blocks: dict, files: dict[str, str], batch_size: int,
-           block_size: int) -> RoutingReport:
+           block_size: int, observe: Callable[[list[torch.Tensor]], None] | None = None) -> RoutingReport:
     found = moe_blocks(model)
     if not found:
         raise UnsupportedArchitectureError(f"{name} ({type(model).__name__}) has no MoE blocks with a router: there is "
@@ -243,6 +245,8 @@ def _route(model: PreTrainedModel, name: str, blocks: dict, files: dict[str, str
                     f"{name} returned {len(router_logits)} router logit tensor(s) for {len(found)} MoE block(s) with "
                     "output_router_logits=True: its routing cannot be read")
             stats.update(router_logits, None)
+            if observe is not None:
+                observe(router_logits)
             rows = block_nll(out.logits, torch.tensor(batch["labels"], device=device)).cpu()  # [B, 2]
             metric.add_batch(predictions=rows[:, 0].double().tolist(), references=rows[:, 1].long().tolist())
         popped = stats.pop()

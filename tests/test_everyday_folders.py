@@ -26,6 +26,8 @@ def _argv(command: str, folder: Path, out: Path, data: Path) -> list:
         "mix": ["mix", _mix_recipe(folder, out), out, "--allow-identical-sources"],
         "convert": ["convert", folder, out, "--num-experts", "4", "--top-k", "2"],
         "export": ["export", folder, out],
+        "materialize": ["materialize", folder, out],
+        "shrink": ["shrink", folder, out, "--num-experts", "1", "--data", data, "--block-size", "32"],
         "merge": ["merge", folder, out],
         "evaluate": ["evaluate", folder, "--validation_file", data, "--block_size", "32", "--max_eval_samples", "2"],
         "push": ["push", folder, "someone/model", "--dry-run"],
@@ -69,7 +71,7 @@ def folders(small_models, docs_files, tmp_path_factory) -> dict[str, Path]:
 def test_everyday_folder(command, case, folders, docs_files, tmp_path, capfd):
     outcome = run_inprocess(_argv(command, folders[case], tmp_path / "out", docs_files[1]), capfd)
     broken_config = case != "dense_finetuned_no_readme"
-    refused = broken_config or command in ("push", "merge", "export", "analyze")  # they need a MoE model or an adapter
+    refused = broken_config or command in ("push", "merge", "export", "analyze", "materialize", "shrink")  # they need a MoE model or an adapter
     if refused:
         assert not failure_problems(outcome), outcome.describe()
         assert outcome.code == 2, outcome.describe()
