@@ -211,3 +211,21 @@ def test_lora_training_saves_only_what_trained(shared_model, docs_files, tmp_pat
     assert not [n for n in saved if ".experts." in n and "deltas" not in n], "the shared MLP must not be saved"
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 0
     assert _load(tmp_path / "merged").moe_blocks()[0].experts.deltas.up_lora_B.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    (dict(granularity=2, num_experts=4, top_k=2), "expert_sharing='lora' is invalid"),
+    (dict(expert_noise=0.1), "expert_sharing='lora' is invalid"),
+    (dict(expert_lora_rank=0), "expert_lora_rank=0 is invalid"),
+    (dict(expert_lora_alpha=-1.0), "expert_lora_alpha=-1.0 is invalid"),
+    (dict(expert_lora_targets="up,sideways"), "expert_lora_targets='up,sideways' is invalid"),
+    (dict(expert_lora_targets="gate_up,up"), "distinct"),
+])
+def test_refused_combinations(options, needle):
+    with pytest.raises(moe_upcycle.errors.InvalidOptionError, match=needle):
+        moe_upcycle.UpcycleOptions(**{"expert_sharing": "lora", **options})
+
+
+def test_gate_up_is_another_name_of_up():
+    options = moe_upcycle.UpcycleOptions(expert_sharing="lora", expert_lora_targets="gate_up")
+    assert options.lora_targets == ["up"] and options.expert_lora_alpha == 16.0
