@@ -37,7 +37,7 @@ def shared_block(dense: torch.nn.Module, rank: int, implementation: str) -> Upcy
         experts = block.experts
         experts.gate_up_proj.copy_(torch.cat([dense.gate_proj.weight, dense.up_proj.weight]))
         experts.down_proj.copy_(dense.down_proj.weight)
-        for name, param in experts.deltas.named_parameters():
+        for param in experts.deltas.parameters():
             param.normal_(std=0.02)
         experts.gate_up_proj.requires_grad_(False)
         experts.down_proj.requires_grad_(False)

@@ -71,7 +71,8 @@ def folders(small_models, docs_files, tmp_path_factory) -> dict[str, Path]:
 def test_everyday_folder(command, case, folders, docs_files, tmp_path, capfd):
     outcome = run_inprocess(_argv(command, folders[case], tmp_path / "out", docs_files[1]), capfd)
     broken_config = case != "dense_finetuned_no_readme"
-    refused = broken_config or command in ("push", "merge", "export", "analyze", "materialize", "shrink")  # they need a MoE model or an adapter
+    needs_moe = ("push", "merge", "export", "analyze", "materialize", "shrink")  # a MoE model (or an adapter)
+    refused = broken_config or command in needs_moe
     if refused:
         assert not failure_problems(outcome), outcome.describe()
         assert outcome.code == 2, outcome.describe()
