@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 import moe_upcycle
@@ -22,7 +19,7 @@ from moe_upcycle.modeling.lora_experts import UpcycledLoraExperts, shared_lora_e
 
 from .families import VOCAB, build_dense
 from .test_families import _assert_same_function
-from .test_remote_code import CHILD
+from .test_remote_code import assert_same_logits_without_package
 
 TOL = 1e-5
 FAMILIES = ("llama", "qwen2", "phi3", "gpt2")
@@ -48,21 +45,10 @@ def test_exact_at_conversion(family, tmp_path):
 
 
 def test_exact_after_reload_without_the_package(tmp_path):
-    input_ids, attention_mask = fixed_batch(VOCAB, batch_size=2, seq_len=12)
-    jobs, expected = {}, {}
-    for family in FAMILIES:
-        dense, moe = _convert(family, tmp_path / family)
-        with torch.no_grad():
-            expected[family] = _load(dense)(input_ids=input_ids, attention_mask=attention_mask).logits
-        jobs[family] = str(moe)
-    save_file({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "batch.safetensors")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs), str(tmp_path / "batch.safetensors"),
-                    str(tmp_path / "out.safetensors")], check=True, env=env, cwd=tmp_path)
-    got = load_file(tmp_path / "out.safetensors")
-    real = attention_mask.bool()
-    for family in FAMILIES:
-        assert (got[family][real] - expected[family][real]).abs().max() <= TOL, family
+    """The same logits with trust_remote_code in a process without the package (and those equal the dense model's:
+    test_exact_at_conversion)."""
+    folders = {family: _convert(family, tmp_path / family)[1] for family in FAMILIES}
+    assert_same_logits_without_package(folders, VOCAB, tmp_path)
 
 
 def _randomise_deltas(model, seed=0):
