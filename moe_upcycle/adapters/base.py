@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig
 
 from ..modeling.configuration_upcycled_moe import ExpertKind
 
-Task = Literal["causal_lm", "encoder"]
+Task = Literal["causal_lm", "encoder", "image_text_to_text"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class ArchitectureAdapter:
         mlp_activation_attr: attribute of the dense MLP (or else of the layer) holding its activation module.
         mlp_dropout_attr: attribute of the dense MLP holding a dropout on its output, if any.
         task: ``"causal_lm"`` (decoders, ``AutoModelForCausalLM``; layer paths are relative to it) or
-            ``"encoder"`` (``AutoModel`` and its heads; layer paths are relative to the base model).
+            ``"encoder"`` (``AutoModel`` and its heads; layer paths are relative to the base model) or
+            ``"image_text_to_text"`` (vision-language models, ``AutoModelForImageTextToText``; see vision_language.py).
         sources_in_layer: expert ``sources`` are relative to the decoder layer instead of the MLP module, for
             families whose feed-forward is not one module (OPT's ``fc1``/``fc2``, BERT's ``intermediate``/``output``).
         bypass: modules of a layer (dotted, relative to it) replaced by ``nn.Identity`` because the MoE block,

@@ -7,6 +7,7 @@ renormalised top-k weights (which sum to 1) the MoE model computes exactly what 
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import time
@@ -92,6 +93,22 @@ def judge(comparison: Comparison, reasons: list[str], dtype: torch.dtype) -> str
     return f"max |logit diff| {comparison.max_diff:.3g}: the MoE model computes what the dense model did"
 
 
+# Files of a Transformers processor that turns images into model inputs (the image processor's settings).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def has_processor(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved image processor (a vision-language source's, copied to the output)."""
+    for name in PROCESSOR_FILES:
+        try:
+            raw = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and (name == PROCESSOR_FILES[0] or "image_processor" in raw):
+            return True
+    return False
+
+
 def _load_dense_config(folder: Path):
     return read_config(folder)
 
@@ -120,7 +137,7 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     inputs.append(folder)
     dense_config = _load_dense_config(folder)
     adapter = get_adapter(dense_config)
-    layers = resolve_layers(options.layers, dense_config.num_hidden_layers)
+    layers = resolve_layers(options.layers, dense_config.get_text_config().num_hidden_layers)
     reader = SafetensorsCheckpoint(folder)
     builder = PlanBuilder(reader, adapter, dense_config, layers, options)
     if options.router_init in ("hidden", "embedding"):
@@ -128,7 +145,9 @@ def upcycle(source: str | Path, output: str | Path, options: UpcycleOptions | No
     plan = builder.build()
 
     dtype = options.torch_dtype or next(t.dtype for t in plan if ".experts." in t.name)
-    notes = []
+    notes = [] if adapter.task != "image_text_to_text" or has_processor(folder) else [
+        f"note: {source} has no image processor files ({', '.join(PROCESSOR_FILES)}): the output cannot be used with "
+        "images until you add the source's processor files to it (AutoProcessor.from_pretrained(OUTPUT) must load)"]
     overflow = builder.overflowing_layers()
     if overflow:
         name = str(dtype).removeprefix("torch.")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -21,7 +21,13 @@ from ..adapters.base import Task
 from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_planned
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from ..modeling.modeling_upcycled_moe import DENSE_PREFIX, UpcycledMoeForCausalLM, UpcycledMoeModel, UpcycledMoePreTrainedModel
+from ..modeling.modeling_upcycled_moe import (
+    DENSE_PREFIX,
+    UpcycledMoeForCausalLM,
+    UpcycledMoeForImageTextToText,
+    UpcycledMoeModel,
+    UpcycledMoePreTrainedModel,
+)
 from ..modeling.routers import ROUTERS
 from .diversity import diversify, seeded_generator, slice_neurons
 from .options import UpcycleOptions
@@ -40,11 +46,19 @@ class DenseLayout:
     converters: tuple[WeightConverter, ...]
 
 
+# Per task: the Auto class of the dense model, and the upcycled class a converted checkpoint is checked against
+# (the encoder's heads load the same checkpoint).
+DENSE_AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "encoder": AutoModel,
+                      "image_text_to_text": AutoModelForImageTextToText}
+MOE_CLASSES: dict[str, type[UpcycledMoePreTrainedModel]] = {
+    "causal_lm": UpcycledMoeForCausalLM, "encoder": UpcycledMoeModel, "image_text_to_text": UpcycledMoeForImageTextToText}
+
+
 def dense_layout(config: PreTrainedConfig, task: Task = "causal_lm") -> DenseLayout:
-    """The state-dict layout of the dense ``AutoModelForCausalLM`` (decoders) or ``AutoModel`` (encoders)."""
+    """The state-dict layout of the dense model of ``task`` (:data:`DENSE_AUTO_CLASSES`)."""
     try:
         with torch.device("meta"):
-            model = (AutoModelForCausalLM if task == "causal_lm" else AutoModel).from_config(config)
+            model = DENSE_AUTO_CLASSES[task].from_config(config)
     except Exception as err:  # noqa: BLE001 (a config value of the wrong kind fails anywhere in the model's __init__)
         raise CheckpointError(f"the {config.model_type} config cannot build its model ({type(err).__name__}: "
                               f"{' '.join(str(err).split())[:300]}); fix or re-download config.json") from None
@@ -328,7 +342,7 @@ class PlanBuilder:
             return [PlannedTensor(f"{prefix}{target}.{suffix}", dtype, (width, *rest),
                                   lambda half=half: [part().chunk(2, dim=0)[half]])
                     for half, target in enumerate(("gate_proj", "up_proj"))]
-        hidden = self.config.hidden_size
+        hidden = self.config.get_text_config().hidden_size
         shape = (width, *rest) if stem == "up_proj" else ((hidden, width) if not spec.is_bias else (hidden,))
         planned = [PlannedTensor(f"{prefix}{stem}.{suffix}", dtype, shape, lambda: [part()])]
         if options.shared_expert_gate and spec.name == "down_proj":
@@ -339,7 +353,7 @@ class PlanBuilder:
     def _router(self, layer: int, dtype: torch.dtype) -> list[PlannedTensor]:
         """Router weight [E, H]: one row per copy, repeated over the G_r slices of its virtual group."""
         options = self.options
-        copies, hidden = options.num_experts // options.routed_slices, self.config.hidden_size
+        copies, hidden = options.num_experts // options.routed_slices, self.config.get_text_config().hidden_size
 
         def chunks():
             if options.router_init == "zero":
@@ -409,15 +423,10 @@ class PlanBuilder:
         return plan
 
 
-def moe_model_class(task: Task) -> type[UpcycledMoePreTrainedModel]:
-    """The class a converted checkpoint is checked against (its heads load the same checkpoint)."""
-    return UpcycledMoeForCausalLM if task == "causal_lm" else UpcycledMoeModel
-
-
 def check_against_model(plan: list[PlannedTensor], moe_config: UpcycledMoeConfig,
                         task: Task = "causal_lm") -> UpcycledMoePreTrainedModel:
     """Raise if the planned names/shapes differ from the MoE model's (built on the meta device); return that model."""
     with torch.device("meta"):
-        model = moe_model_class(task)(moe_config)
+        model = MOE_CLASSES[task](moe_config)
     check_planned(plan, model, "the upcycled model (internal error)")
     return model

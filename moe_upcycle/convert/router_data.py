@@ -427,7 +427,9 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
     ``embedding`` reads only the input-embedding tensor; ``hidden`` loads the dense model in float32 (the only
     step of a conversion that holds the whole model in memory).
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .plan import DENSE_AUTO_CLASSES
 
     mode, num_copies = options.router_init, options.num_experts // options.routed_slices
     scale = {"num_experts": num_copies, "logit_std": options.router_logit_std}
@@ -438,7 +440,7 @@ def rows_from_prompts(folder: Path, adapter, config, layers: list[int], reader, 
         reason = str(err).splitlines()[0]
         raise InvalidOptionError(f"router_init={mode!r} tokenises the prompts with the source's tokenizer, but {folder} has "
                                  f"none that loads ({reason}); add the tokenizer files or use router_init=random") from None
-    auto = AutoModelForCausalLM if adapter.task == "causal_lm" else AutoModel
+    auto = DENSE_AUTO_CLASSES[adapter.task]
     if mode == "embedding":
         with torch.device("meta"):
             dense = auto.from_config(config)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from ..checkpoint import SafetensorsCheckpoint
 from ..errors import CheckpointError
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM, UpcycledMoeModel, _ExpertsBase
+from ..modeling.modeling_upcycled_moe import _ExpertsBase
+from .plan import DENSE_AUTO_CLASSES, MOE_CLASSES
 
 
 def fixed_batch(vocab_size: int, batch_size: int = 2, seq_len: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,10 +37,32 @@ class Comparison:
     moe_finite: bool
 
 
+def multimodal_token_ids(config) -> set[int]:
+    """Token ids a vision-language config reserves for images, videos and their delimiters (``image_token_id``,
+    ``vision_start_token_id``, ``boi_token_index``, ...): text-only inputs must not hold them."""
+    dense = getattr(config, "text_config", None) if config.model_type == "upcycled_moe" else config
+    if dense is None or getattr(dense, "vision_config", None) is None:
+        return set()
+    return {value for name, value in dense.to_dict().items()
+            if name.endswith(("_token_id", "_token_index")) and isinstance(value, int)
+            and not name.startswith(("pad", "bos", "eos"))}
+
+
+def text_batch(config, batch_size: int = 2, seq_len: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fixed_batch` for ``config``'s vocabulary, image-free: reserved multimodal ids become other tokens."""
+    vocab_size = config.get_text_config().vocab_size
+    input_ids, attention_mask = fixed_batch(vocab_size, batch_size, seq_len)
+    reserved = sorted(multimodal_token_ids(config))
+    if reserved:
+        free = next(i for i in range(vocab_size) if i not in reserved)
+        input_ids = input_ids.masked_fill(torch.isin(input_ids, torch.tensor(reserved)), free)
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def _outputs(model: torch.nn.Module, field: str) -> torch.Tensor:
-    """``field`` of ``model`` on :func:`fixed_batch`, float32, real (non-padding) tokens only: [N, V or H]."""
-    input_ids, attention_mask = fixed_batch(model.config.get_text_config().vocab_size)
+    """``field`` of ``model`` on :func:`text_batch`, float32, real (non-padding) tokens only: [N, V or H]."""
+    input_ids, attention_mask = text_batch(model.config)
     out = getattr(model.eval()(input_ids=input_ids, attention_mask=attention_mask), field).float()
     return out[attention_mask.bool()]
 
@@ -58,12 +81,11 @@ def verify_conversion(dense_dir: str | Path, moe_dir: str | Path, task: str = "c
     (:func:`load_with_lazy_experts`), so the peak is about the float32 dense model, not the float32 MoE model.
     """
     field = "last_hidden_state" if task == "encoder" else "logits"
-    dense_class, moe_class = (AutoModel, UpcycledMoeModel) if task == "encoder" else (AutoModelForCausalLM, UpcycledMoeForCausalLM)
-    dense = dense_class.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True)
+    dense = DENSE_AUTO_CLASSES[task].from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True)
     expected = _outputs(dense, field)
     del dense
     gc.collect()
-    return compare(expected, _outputs(load_with_lazy_experts(moe_class, moe_dir), field))
+    return compare(expected, _outputs(load_with_lazy_experts(MOE_CLASSES[task], moe_dir), field))
 
 
 @contextmanager

@@ -93,7 +93,7 @@ def export_native(
     max_shard_bytes = parse_size(max_shard_size)
     check_output(output, overwrite, [folder])
     config = load_upcycled_config(folder)
-    family = config.text_config.model_type
+    family = config.get_text_config().model_type  # a vision-language model's language model
     target = resolve_target(family, to)
     reason = explain_mismatch(config, target)
     if reason is not None:
@@ -101,7 +101,7 @@ def export_native(
     native = build_native_config(config, target)
     reader = SafetensorsCheckpoint(folder)
     try:
-        plan: list[PlannedTensor] = plan_native_tensors(reader, target, native)
+        plan: list[PlannedTensor] = plan_native_tensors(reader, target, native, config.decoder_layers_path)
         check_against_native(plan, native, target)
         with atomic_folder(output, overwrite, [folder]) as tmp:
             shards = write_sharded(tmp, plan, max_shard_bytes)
@@ -110,7 +110,7 @@ def export_native(
     finally:
         reader.close()
     return ExportResult(
-        output=output.resolve(), target=target.name, architecture=target.architecture, source_family=family,
+        output=output.resolve(), target=target.name, architecture=native.architectures[0], source_family=family,
         shards=shards, num_tensors=len(plan), bytes_written=sum(t.nbytes for t in plan),
         seconds=time.perf_counter() - start, copied_files=copied, notes=_notes(config, target, native),
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from .errors import ExportError
@@ -48,13 +49,19 @@ def _dense_values(text: PreTrainedConfig, target: NativeTarget, native_fields: s
 
 
 def build_native_config(config: UpcycledMoeConfig, target: NativeTarget) -> PreTrainedConfig:
-    """The native config of ``target`` computing what ``config`` does; raises :class:`ExportError` if it cannot."""
+    """The native config of ``target`` computing what ``config`` does; raises :class:`ExportError` if it cannot.
+
+    A vision-language source keeps its own config class (e.g. ``LlavaConfig``) and every field of it; only its
+    ``text_config`` becomes the native MoE config (``MixtralConfig``), which stock Transformers builds the language
+    model from."""
     native_class = CONFIG_MAPPING[target.name]
     native_fields = declared_fields(native_class)
-    values = _dense_values(config.text_config, target, native_fields)
+    text, vision_language = config.get_text_config(), config.get_text_config() is not config.text_config
+    values = _dense_values(text, target, native_fields)
     values.update(target.moe_fields(config))
-    values["architectures"] = [target.architecture]
-    values["tie_word_embeddings"] = bool(config.tie_word_embeddings)
+    if not vision_language:
+        values["architectures"] = [target.architecture]
+        values["tie_word_embeddings"] = bool(config.tie_word_embeddings)
     if config.dtype is not None:
         values["dtype"] = config.dtype
     try:
@@ -62,6 +69,21 @@ def build_native_config(config: UpcycledMoeConfig, target: NativeTarget) -> PreT
     except (TypeError, ValueError) as err:
         raise ExportError(f"cannot build a {target.label} config from this checkpoint: {err}") from None
     _check_kept(native, values, target)
+    return _vision_language_config(config, native) if vision_language else native
+
+
+def _vision_language_config(config: UpcycledMoeConfig, native_text: PreTrainedConfig) -> PreTrainedConfig:
+    """The source VLM's config with ``native_text`` as its language model, architecture and dtype set."""
+    dense = config.text_config
+    values = {name: value for name, value in dense.to_dict().items() if name not in _BOOKKEEPING and name != "text_config"}
+    values.update(text_config=native_text, architectures=[MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(dense)].__name__])
+    if config.dtype is not None:
+        values["dtype"] = config.dtype
+    native = type(dense)(**values)
+    for name in ("tie_word_embeddings", "image_token_id", "vision_feature_layer", "vision_feature_select_strategy"):
+        if getattr(native, name, None) != getattr(dense, name, None):
+            raise ExportError(f"the {dense.model_type} config changed {name} from {getattr(dense, name, None)!r} to "
+                              f"{getattr(native, name, None)!r} with a native language model; cannot export it exactly")
     return native
 
 

@@ -67,7 +67,7 @@ def resolve_target(family: str, to: str) -> NativeTarget:
 
 def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget) -> str | None:
     """Why the upcycled ``config`` is not exact in ``target`` (experts, layers, dense-only fields), or ``None``."""
-    text = config.text_config
+    text = config.get_text_config()
     for name, rule in target.dense_only_fields.items():
         if not isinstance(rule, str) and getattr(text, name, rule.value) != rule.value:
             return f"{rule.reason} ({name}={getattr(text, name)!r} in the source {text.model_type} config)"

@@ -9,6 +9,7 @@ softmax top-k renormalised (GraniteMoE: softmax over the top-k logits, the same 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -73,11 +74,12 @@ class NativeTarget:
     extra_tensors: tuple[ExtraTensor, ...] = ()
     check: Callable[[PreTrainedConfig], str | None] = field(default=lambda text: None)
 
-    def renames(self) -> tuple[tuple[str, str], ...]:
-        """Regex renames from our (outer ``model.`` prefix stripped) tensor names to the native names."""
+    def renames(self, layers_path: str = "model.layers") -> tuple[tuple[str, str], ...]:
+        """Regex renames from our (outer ``model.`` prefix stripped) tensor names to the native names; ``layers_path``:
+        the dense model's decoder layers (``model.language_model.layers`` in a vision-language model)."""
         if (self.moe_module, self.router_name) == ("mlp", "gate"):
             return ()
-        layer = r"^(model\.layers\.\d+)\.mlp\."
+        layer = rf"^({re.escape(layers_path)}\.\d+)\.mlp\."
         return (
             (layer + r"gate\.weight$", rf"\1.{self.moe_module}.{self.router_name}.weight"),
             (layer + r"experts\.", rf"\1.{self.moe_module}.experts."),
@@ -100,7 +102,7 @@ def _mixtral(config: UpcycledMoeConfig) -> dict[str, Any]:
 
 def _qwen_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
     """Qwen2-MoE / Qwen3-MoE: experts in ``moe_layers``, the dense MLP (``intermediate_size``) elsewhere."""
-    num_layers = config.text_config.num_hidden_layers
+    num_layers = config.get_text_config().num_hidden_layers
     return {**_routing(config), "num_experts": config.num_experts, "moe_intermediate_size": config.expert_intermediate_size,
             "norm_topk_prob": True, "decoder_sparse_step": 1,
             "mlp_only_layers": [i for i in range(num_layers) if i not in config.moe_layers]}
@@ -113,7 +115,7 @@ def _qwen2_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
 
 def _qwen3_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
     # Qwen3-MoE slides the window on every layer or on none (checked by ``_qwen3_uniform_window``).
-    layer_types = getattr(config.text_config, "layer_types", None) or []
+    layer_types = getattr(config.get_text_config(), "layer_types", None) or []
     return {**_qwen_moe(config), "use_sliding_window": bool(layer_types) and all(t == "sliding_attention" for t in layer_types)}
 
 

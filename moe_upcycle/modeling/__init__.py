@@ -5,6 +5,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
@@ -12,6 +13,7 @@ from transformers import (
 from .configuration_upcycled_moe import UpcycledMoeConfig
 from .modeling_upcycled_moe import (
     UpcycledMoeForCausalLM,
+    UpcycledMoeForImageTextToText,
     UpcycledMoeForMaskedLM,
     UpcycledMoeForSequenceClassification,
     UpcycledMoeModel,
@@ -23,9 +25,10 @@ AutoConfig.register(UpcycledMoeConfig.model_type, UpcycledMoeConfig, exist_ok=Tr
 UpcycledMoeConfig.register_for_auto_class()
 for _auto, _model in ((AutoModelForCausalLM, UpcycledMoeForCausalLM), (AutoModel, UpcycledMoeModel),
                       (AutoModelForMaskedLM, UpcycledMoeForMaskedLM),
-                      (AutoModelForSequenceClassification, UpcycledMoeForSequenceClassification)):
+                      (AutoModelForSequenceClassification, UpcycledMoeForSequenceClassification),
+                      (AutoModelForImageTextToText, UpcycledMoeForImageTextToText)):
     _auto.register(UpcycledMoeConfig, _model, exist_ok=True)
     _model.register_for_auto_class(_auto.__name__)
 
-__all__ = ["UpcycledMoeConfig", "UpcycledMoeForCausalLM", "UpcycledMoeForMaskedLM", "UpcycledMoeForSequenceClassification",
-           "UpcycledMoeModel", "UpcycledSparseMoeBlock"]
+__all__ = ["UpcycledMoeConfig", "UpcycledMoeForCausalLM", "UpcycledMoeForImageTextToText", "UpcycledMoeForMaskedLM",
+           "UpcycledMoeForSequenceClassification", "UpcycledMoeModel", "UpcycledSparseMoeBlock"]

@@ -34,7 +34,9 @@ class UpcycledMoeConfig(PreTrainedConfig):
     model's own code.
 
     Args:
-        text_config: configuration of the dense source model (any ``AutoModelForCausalLM`` family).
+        text_config: configuration of the dense source model (any ``AutoModelForCausalLM`` family, an encoder, or a
+            vision-language model whose language model has the MoE blocks; :meth:`get_text_config` is the
+            language model's config).
         num_experts: routed experts per MoE layer, E.
         num_experts_per_tok: experts selected per token, k (``1 <= k <= E``).
         moe_layers: decoder layer indices whose MLP is a MoE block; ``None`` means every layer.
@@ -111,8 +113,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        text = self.text_config
-        self.tie_word_embeddings = bool(getattr(text, "tie_word_embeddings", False))
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        text = self.get_text_config()
         num_layers = getattr(text, "num_hidden_layers", None)
         if num_layers is None:
             num_layers = text.n_layer
@@ -121,6 +123,12 @@ class UpcycledMoeConfig(PreTrainedConfig):
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
         self.validate_moe(num_layers)
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The language model's config: ``text_config``, or the text config nested in it when the dense model is a
+        vision-language model (its MoE blocks, KV cache and generation follow the language model)."""
+        text = super().get_text_config(decoder=decoder, encoder=encoder)
+        return text if text is self else text.get_text_config(decoder=decoder, encoder=encoder)
 
     def validate_moe(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the field, the value and what is allowed."""

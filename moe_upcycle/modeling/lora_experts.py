@@ -47,9 +47,9 @@ class UpcycledLoraExperts(nn.Module):
 
     def __init__(self, config, act_fn: nn.Module):
         super().__init__()
-        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
+        E, H, I = config.num_experts, config.get_text_config().hidden_size, config.expert_intermediate_size
         r = config.expert_lora_rank
-        std = getattr(config.text_config, "initializer_range", 0.02)
+        std = getattr(config.get_text_config(), "initializer_range", 0.02)
         self.num_experts, self.hidden_dim, self.intermediate_dim, self.rank = E, H, I, r
         self.scaling = config.expert_lora_alpha / r
         self.has_gate, self.has_bias = config.expert_kind == "glu", bool(config.expert_bias)

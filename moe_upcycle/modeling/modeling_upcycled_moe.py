@@ -16,6 +16,7 @@ or ``grouped_mm`` / ``batched_mm`` / ``sorted_mm`` by name; ``eager`` is the ref
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -28,6 +29,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
     MODEL_FOR_MASKED_LM_MAPPING,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     MODEL_MAPPING,
@@ -72,8 +74,8 @@ class _ExpertsBase(nn.Module):
 
     def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module, *, gated: bool, bias: bool):
         super().__init__()
-        E, H, I = config.num_experts, config.text_config.hidden_size, config.expert_intermediate_size
-        std = getattr(config.text_config, "initializer_range", 0.02)
+        E, H, I = config.num_experts, config.get_text_config().hidden_size, config.expert_intermediate_size
+        std = getattr(config.get_text_config(), "initializer_range", 0.02)
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
         up_name, up_dim = ("gate_up_proj", 2 * I) if gated else ("up_proj", I)
         for name, shape in ((up_name, (E, up_dim, H)), ("down_proj", (E, H, I))):
@@ -156,7 +158,7 @@ class UpcycledSharedExpert(nn.Module):
 
     def __init__(self, config: UpcycledMoeConfig, act_fn: nn.Module):
         super().__init__()
-        H, I = config.text_config.hidden_size, config.shared_expert_intermediate_size
+        H, I = config.get_text_config().hidden_size, config.shared_expert_intermediate_size
         bias = config.expert_bias
         self.gate_proj = nn.Linear(H, I, bias=bias) if config.expert_kind == "glu" else None
         self.up_proj = nn.Linear(H, I, bias=bias)
@@ -179,11 +181,11 @@ class UpcycledSparseMoeBlock(nn.Module):
     def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None):
         super().__init__()
         self.jitter_noise = config.router_jitter_noise
-        self.gate = ROUTERS[config.router_type](config.num_experts, config.text_config.hidden_size,
+        self.gate = ROUTERS[config.router_type](config.num_experts, config.get_text_config().hidden_size,
                                                 config.num_experts_per_tok, config.router_init_std)
         self.experts = experts_class(config)(config, act_fn)
         self.shared_expert = UpcycledSharedExpert(config, act_fn) if config.shared_expert_intermediate_size else None
-        hidden = config.text_config.hidden_size
+        hidden = config.get_text_config().hidden_size
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if config.shared_expert_gate else None
         self.dropout = dropout if dropout is not None else nn.Identity()
 
@@ -237,8 +239,14 @@ def _dense_model(mapping, config: UpcycledMoeConfig) -> PreTrainedModel:
     model has no experts, and Transformers refuses an explicit ``grouped_mm`` for a class without them, so
     its config gets no request (our experts read the outer config).
     """
-    config.text_config._experts_implementation_internal = None
-    return mapping[type(config.text_config)](config.text_config)
+    dense = config.text_config
+    for sub in (dense, *(getattr(dense, key, None) for key in dense.sub_configs)):
+        if sub is not None:
+            sub._experts_implementation_internal = None
+    if type(dense) not in mapping:
+        raise ValueError(f"this upcycled checkpoint holds a {dense.model_type} model, which this class cannot build; "
+                         f"load it with the Auto class its config.json's auto_map names")
+    return mapping[type(dense)](dense)
 
 
 class UpcycledMoePreTrainedModel(PreTrainedModel):
@@ -355,9 +363,11 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
     and ``router_z_loss_coef * z_loss`` (averaged over MoE layers) when labels are given.
     """
 
+    dense_mapping: ClassVar = MODEL_FOR_CAUSAL_LM_MAPPING
+
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__(config)
-        self.model = _dense_model(MODEL_FOR_CAUSAL_LM_MAPPING, config)
+        self.model = _dense_model(self.dense_mapping, config)
         self._install_experts()
 
     # -- delegation to the dense model ---------------------------------------------------------------
@@ -427,6 +437,30 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             return 1.0
         local = (labels[..., 1:] != -100).sum()
         return local.to(torch.float32) / torch.as_tensor(num_items, dtype=torch.float32, device=local.device).clamp_min(1)
+
+
+class UpcycledMoeForImageTextToText(UpcycledMoeForCausalLM):
+    """A dense vision-language model (``self.model``, e.g. ``LlavaForConditionalGeneration``, built from
+    ``config.text_config``) whose language model has MoE blocks in ``config.moe_layers``; the vision tower and the
+    projector are the dense model's own.
+
+    ``forward`` passes image inputs (``pixel_values``, ``image_sizes``, ...) to the dense model and adds the router
+    losses; generation prepares its inputs as the dense model does (images on the first step only).
+    """
+
+    dense_mapping: ClassVar = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    # Generation steps that vision-language models specialise (multimodal rope positions, masks) run on the dense model.
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return self.model.prepare_inputs_for_generation(*args, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        return self.model._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """Image inputs are the dense model's arguments: it checks what our ``forward`` does not name."""
+        ours = set(inspect.signature(self.forward).parameters)
+        self.model._validate_model_kwargs({key: value for key, value in model_kwargs.items() if key not in ours})
 
 
 class UpcycledMoeModel(UpcycledMoePreTrainedModel):
@@ -521,6 +555,7 @@ __all__ = [
     "UpcycledMoeForSequenceClassification",
     "install_moe_blocks",
     "UpcycledMoeForCausalLM",
+    "UpcycledMoeForImageTextToText",
     "UpcycledMoePreTrainedModel",
     "UpcycledSparseMoeBlock",
     "UpcycledSharedExpert",

@@ -1,0 +1,190 @@
+"""Vision-language models (issue 15): the language model of LLaVA, LLaVA-NeXT and Gemma 3 upcycled into MoE blocks every
+other layer (MoE-LLaVA's layout), exact against the dense VLM with images, loadable with and without the package,
+LLaVA exportable to stock LLaVA with a Mixtral language model; unsupported layouts are refused before anything is
+written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+import moe_upcycle
+from moe_upcycle.checkpoint import SafetensorsCheckpoint
+from moe_upcycle.cli import main
+from moe_upcycle.convert.plan import dense_layout, match_source_keys
+from moe_upcycle.errors import UnsupportedArchitectureError
+from moe_upcycle.export import export_native
+
+from .vlm_families import IMAGE_TOKEN_ID, VLM_KINDS, build_llava, build_vlm, shape_image
+
+TOL = 1e-5
+NEW_TOKENS = 8
+
+
+def _inputs(folder, kind: str = "llava"):
+    """A batch with an image (row 0) and a left-padded text-only row (row 1), from the checkpoint's own processor."""
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is this shape ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    images = [[shape_image("red")], []] if VLM_KINDS[kind].images_per_row else [shape_image("red")]
+    return processor(images=images, text=[prompt, "a blue circle"], padding=True, return_tensors="pt")
+
+
+def _load(folder, **kwargs):
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+ROW_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # one entry per text row
+
+
+def image_row(inputs):
+    """Row 0 (the one with the image) of :func:`_inputs`, with every image input."""
+    return {key: value[:1] if key in ROW_KEYS else value for key, value in inputs.items()}
+
+
+@torch.no_grad()
+def _run(model, inputs):
+    """(logits of real tokens [N, V], greedy continuation of the image row [NEW_TOKENS])."""
+    logits = model(**inputs).logits[inputs["attention_mask"].bool()]
+    out = model.generate(**image_row(inputs), max_new_tokens=NEW_TOKENS, do_sample=False)
+    return logits, out[0, -NEW_TOKENS:]
+
+
+@pytest.fixture(scope="module", params=sorted(VLM_KINDS))
+def upcycled(request, tmp_path_factory):
+    """A tiny dense VLM and its MoE-LLaVA upcycling: 4 experts, top-2, every other layer."""
+    folder = tmp_path_factory.mktemp(request.param)
+    dense = build_vlm(request.param, folder / "dense")
+    result = moe_upcycle.upcycle(dense, folder / "moe", num_experts=4, top_k=2, layers="every:2", verify=True)
+    return dense, folder / "moe", result, request.param
+
+
+def test_upcycled_vlm_is_exact_with_images(upcycled):
+    dense_dir, moe_dir, result, kind = upcycled
+    assert result.moe_layers == [1] and "the MoE model computes what the dense model did" in result.notes[-1]
+    inputs = _inputs(moe_dir, kind)  # the processor loads from the output
+    assert inputs["attention_mask"][1, 0] == 0 and (inputs["input_ids"][0] == IMAGE_TOKEN_ID).sum() >= 4
+    dense_logits, dense_tokens = _run(_load(dense_dir), inputs)
+    moe = _load(moe_dir)
+    assert type(moe).__name__ == "UpcycledMoeForImageTextToText" and len(moe.moe_blocks()) == 1
+    moe_logits, moe_tokens = _run(moe, inputs)
+    assert (moe_logits - dense_logits).abs().max() < TOL
+    assert torch.equal(moe_tokens, dense_tokens)
+    config = json.loads((moe_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_upcycled_moe.UpcycledMoeForImageTextToText"
+
+
+def test_everything_but_the_language_mlps_is_copied_byte_for_byte(upcycled):
+    dense_dir, moe_dir, _, _ = upcycled
+    config = AutoConfig.from_pretrained(dense_dir)
+    with SafetensorsCheckpoint(dense_dir) as source, SafetensorsCheckpoint(moe_dir) as ours:
+        keys = match_source_keys(source.keys(), dense_layout(config, "image_text_to_text"))  # in-memory name -> key
+        moe_mlp = re.compile(r"language_model\.layers\.1\.mlp\.")
+        copied = [name for name in keys if not moe_mlp.search(name)]
+        for name in copied:
+            theirs, mine = source.get(keys[name]), ours.get("model." + name)
+            assert mine.dtype == theirs.dtype and mine.view(torch.uint8).equal(theirs.view(torch.uint8)), name
+        groups = {group for name in copied for group in ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head")
+                  if group in name}
+        tied = config.tie_word_embeddings  # Gemma 3 reads its LM head from the embeddings
+        assert groups == {"vision_tower", "multi_modal_projector", "embed_tokens", *(() if tied else ("lm_head",))}
+        assert sorted(name for name in ours.keys() if name.endswith("experts.gate_up_proj")) == \
+            ["model.model.language_model.layers.1.mlp.experts.gate_up_proj"]  # the vision tower's MLPs stay dense
+        assert len(ours.keys()) == len(copied) + 3  # router, gate_up_proj, down_proj
+
+
+CHILD = r"""
+import json, sys
+sys.modules["moe_upcycle"] = None  # importing it now raises ImportError
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
+inputs = load_file(sys.argv[2])
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(**inputs).logits.contiguous()
+    row = {key: value[:1] if key in ("input_ids", "attention_mask") else value for key, value in inputs.items()}
+    tokens = model.generate(**row, max_new_tokens=int(sys.argv[4]), do_sample=False)
+save_file({"logits": logits, "tokens": tokens.contiguous()}, sys.argv[3])
+"""
+
+
+def test_upcycled_vlm_loads_with_remote_code_without_the_package(upcycled, tmp_path):
+    _, moe_dir, _, kind = upcycled
+    inputs = _inputs(moe_dir, kind)
+    model = _load(moe_dir)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    _, expected_tokens = _run(model, inputs)
+    save_file({key: value.contiguous() for key, value in inputs.items()}, tmp_path / "inputs.safetensors")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", CHILD, str(moe_dir), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "out.safetensors"), str(NEW_TOKENS)], check=True, env=env, cwd=tmp_path)
+    got = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(got["logits"], expected)
+    assert torch.equal(got["tokens"][0, -NEW_TOKENS:], expected_tokens)
+
+
+def test_llava_exports_to_stock_llava_with_mixtral(tmp_path):
+    # rms_norm_eps and rope_theta differ from Mixtral's defaults (1e-5, 1e6): left at defaults the logits would differ
+    dense = build_llava(tmp_path / "dense", rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    moe_upcycle.upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers="all", expert_noise=0.2)
+    result = export_native(tmp_path / "moe", tmp_path / "native")
+    assert (result.target, result.architecture, result.source_family) == ("mixtral", "LlavaForConditionalGeneration", "llama")
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["model_type"] == "llava" and "auto_map" not in config
+    text = config["text_config"]
+    assert text["model_type"] == "mixtral" and text["num_local_experts"] == 4 and text["rms_norm_eps"] == 1e-6
+    assert text["rope_parameters"]["rope_theta"] == 5000.0
+    assert not list((tmp_path / "native").glob("*.py"))
+    inputs = _inputs(tmp_path / "native")  # the processor came along
+    native = _load(tmp_path / "native")
+    assert type(native).__module__.startswith("transformers.models.llava")
+    assert type(native.model.language_model).__name__ == "MixtralModel"
+    native_logits, native_tokens = _run(native, inputs)
+    ours_logits, ours_tokens = _run(_load(tmp_path / "moe"), inputs)
+    assert (native_logits - ours_logits).abs().max() < TOL
+    assert torch.equal(native_tokens, ours_tokens)
+
+
+def test_export_without_an_exact_twin_is_refused(upcycled, tmp_path):
+    why = "Gemma 3 has no native MoE twin" if upcycled[3] == "gemma3" else "every Mixtral layer is a MoE layer"
+    with pytest.raises(moe_upcycle.errors.UpcycleError, match=why):
+        export_native(upcycled[1], tmp_path / "native")
+    assert not (tmp_path / "native").exists()
+
+
+def test_unsupported_vision_language_layout_is_refused(tmp_path, capsys):
+    source = tmp_path / "paligemma"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
+    with pytest.raises(UnsupportedArchitectureError, match="supported vision-language families: gemma3, llava, llava_next"):
+        moe_upcycle.upcycle(source, tmp_path / "out")
+    assert main(["convert", str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vision-language model_type 'paligemma' is not supported" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_llava_with_unsupported_language_model_is_refused(tmp_path):
+    source = build_llava(tmp_path / "dense", text_model_type="phi")
+    with pytest.raises(UnsupportedArchitectureError, match="language model is 'phi'.*supported: llama, mistral, qwen2"):
+        moe_upcycle.upcycle(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_without_processor_converts_with_a_note(tmp_path):
+    source = build_llava(tmp_path / "dense", processor=False)
+    result = moe_upcycle.upcycle(source, tmp_path / "out", num_experts=4, top_k=2, layers="every:2")
+    assert any("cannot be used with images until" in note for note in result.notes)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
