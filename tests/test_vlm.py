@@ -188,3 +188,14 @@ def test_source_without_processor_converts_with_a_note(tmp_path):
     result = moe_upcycle.upcycle(source, tmp_path / "out", num_experts=4, top_k=2, layers="every:2")
     assert any("cannot be used with images until" in note for note in result.notes)
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("text_model_type", ["mistral", "qwen2", "qwen3"])
+def test_llava_with_other_language_models_is_exact(text_model_type, tmp_path):
+    dense = build_llava(tmp_path / "dense", text_model_type=text_model_type)
+    result = moe_upcycle.upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers="every:2", verify=True)
+    assert "the MoE model computes what the dense model did" in result.notes[-1]
+    inputs = _inputs(tmp_path / "moe")
+    dense_logits, dense_tokens = _run(_load(dense), inputs)
+    moe_logits, moe_tokens = _run(_load(tmp_path / "moe"), inputs)
+    assert (moe_logits - dense_logits).abs().max() < TOL and torch.equal(moe_tokens, dense_tokens)
