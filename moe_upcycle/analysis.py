@@ -141,7 +141,8 @@ def analyze(model: str | Path | PreTrainedModel, data: dict[str, str | Path], ou
         raise InvalidOptionError("no data: give at least one data set as NAME=FILE")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidOptionError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1")
-    options = DataArguments(text_column=text_column, block_size=block_size, max_eval_samples=_max_blocks(max_tokens, block_size))
+    options = DataArguments(text_column=text_column, block_size=block_size)  # checks block_size before it divides
+    options = replace(options, max_eval_samples=_max_blocks(max_tokens, block_size))
     loaded = isinstance(model, PreTrainedModel)
     if loaded and tokenizer is None:
         raise InvalidOptionError("analyze() of a loaded model needs its tokenizer: pass tokenizer=...")
