@@ -1,9 +1,9 @@
 """Property tests of the safety invariants (issue 10), for every subcommand, on generated bad inputs.
 
 Each case builds a fresh "world" folder holding the command's inputs and a sentinel file beside them, applies one
-mutation (a corrupt safetensors header, an index or config.json of the wrong JSON types, a missing file, a bad data
-file, a recipe with wrong types or a syntax error, a dangerous or unwritable output, a bad flag), hashes the whole
-world, runs the command line and checks:
+mutation (a corrupt safetensors header, an index or config.json of the wrong JSON types, LoRA factors that do not fit
+their config, a missing file, a bad data file, a recipe with wrong types or a syntax error, a dangerous or unwritable
+output, a bad flag), hashes the whole world, runs the command line and checks:
 
 * the exit status is non-zero, no traceback is printed, and stderr ends with one ``moe-upcycle: error:`` line;
 * nothing under the world was created, changed or removed (a failure writes nothing at all).
@@ -23,7 +23,10 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .families import build_dense
 from .hostile import (
@@ -48,8 +51,9 @@ from .hostile import (
 
 REPO = "test-user/tiny-moe"
 UNREACHABLE = "http://127.0.0.1:9"  # loopback, closed port: connection refused at once
-COMMANDS = ("convert", "mix", "train", "merge", "evaluate", "analyze", "push", "push-online", "export")
-FOLDER_OUTPUTS = ("convert", "mix", "merge", "export")
+COMMANDS = ("convert", "mix", "materialize", "shrink", "train", "merge", "evaluate", "analyze", "push", "push-online",
+            "export")
+FOLDER_OUTPUTS = ("convert", "mix", "materialize", "shrink", "merge", "export")
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -72,6 +76,9 @@ class Templates:
         moe_upcycle.upcycle(small_dense, self.moe, num_experts=4, top_k=2, max_shard_size="300KB")
         self.ours = root / "ours"  # an earlier output of moe-upcycle, for outputs that exist already
         moe_upcycle.upcycle(self.dense_single, self.ours, num_experts=2, top_k=1)
+        self.shared = root / "shared"  # shared-weight LoRA experts, sharded: materialize's input
+        moe_upcycle.upcycle(self.dense_sharded, self.shared, num_experts=4, top_k=2, expert_sharing="lora",
+                            expert_lora_rank=4, max_shard_size="30KB")
         train, valid = docs_files
         self.train_text = train.read_text()[:6000]
         self.valid_text = valid.read_text()[:3000]
@@ -125,6 +132,8 @@ class World:
         self.repo = REPO
         if command in ("convert", "mix"):
             self.model = _copy(t.dense_sharded, root / "src")
+        elif command == "materialize":
+            self.model = _copy(t.shared, root / "shared")
         else:
             self.model = _copy(t.moe, root / "moe")
         self.adapter = None
@@ -142,9 +151,12 @@ class World:
             self.valid = root / "valid.txt"
             self.train.write_text(t.train_text)
             self.valid.write_text(t.valid_text)
-        self.out = {"convert": root / "out", "mix": root / "mixed", "train": root / "trained", "merge": root / "merged",
-                    "evaluate": root / "eval.json", "export": root / "native",
-                    "analyze": root / "routing"}.get(command)
+        if command == "shrink":  # --data: the text routed to count each expert's tokens (the data_valid mutations)
+            self.valid = root / "data.txt"
+            self.valid.write_text(t.valid_text)
+        self.out = {"convert": root / "out", "mix": root / "mixed", "materialize": root / "full", "shrink": root / "small",
+                    "train": root / "trained", "merge": root / "merged", "evaluate": root / "eval.json",
+                    "export": root / "native", "analyze": root / "routing"}.get(command)
 
     # inputs the mutations address
     def folder(self) -> Path:
@@ -192,6 +204,11 @@ class World:
             return ["convert", self.model, self.out, "--num-experts", "4", "--top-k", "2", *ow, *self.extra]
         if c == "mix":
             return ["mix", self.write_recipe(), self.out, *ow, *self.extra]
+        if c == "materialize":
+            return ["materialize", self.model, self.out, *ow, *self.extra]
+        if c == "shrink":
+            return ["shrink", self.model, self.out, "--num-experts", "2", "--data", self.valid, "--block-size", "16",
+                    "--max-tokens", "64", *ow, *self.extra]
         if c == "train":
             if self.recipe is not None or self.recipe_path is not None:
                 return ["train", "--config", self.write_recipe(), *self.extra]
@@ -838,6 +855,65 @@ for _kind in ("branch_missing", "branch_is_file", "branch_identical", "branch_hi
     register("mix_sources", _kind, _mix_source(_kind))
 
 
+# materialize: a config that does not describe the shared-weight experts its weights hold, LoRA factors of the wrong
+# shape or missing (the fold multiplies them as they are), a folder of full experts or a dense one; shrink: a folder
+# of shared-weight experts (materialize them first) or a dense one.
+for _keys, _values in {("expert_sharing",): {"none": "none"},
+                       ("expert_lora_rank",): {"mismatch": 8, "string": "four"},
+                       ("expert_lora_alpha",): {"null": None},
+                       ("expert_lora_targets",): {"down_only": ["down"], "unknown": "bogus"}}.items():
+    for _kind, _value in _values.items():
+        register("config_lora", f"{'.'.join(_keys)}_{_kind}", _config_field(_keys, _value))
+
+LORA_RESHAPES = {  # A [E, r, in], B [E, out, r]
+    "A_rank_plus_one": lambda t: torch.cat([t, t[:, :1]], dim=1),
+    "A_one_expert_less": lambda t: t[:-1],
+    "A_flat": lambda t: t.reshape(-1),
+    "B_out_plus_one": lambda t: torch.cat([t, t[:, :1]], dim=1),
+}
+
+
+def _lora_factor(kind: str) -> Mutation:
+    """The first MoE layer's LoRA factor of the up projection rewritten with another shape, or removed from its shard
+    and the index."""
+
+    def mutate(world: World) -> None:
+        folder = world.folder()
+        index = json.loads((folder / INDEX).read_text())
+        key = sorted(k for k in index["weight_map"] if k.endswith(f".up_lora_{kind[0]}"))[0]
+        shard = folder / index["weight_map"][key]
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(shard)
+        tensor = tensors.pop(key)
+        if kind == "B_missing":
+            del index["weight_map"][key]
+            (folder / INDEX).write_text(json.dumps(index))
+        else:
+            tensors[key] = LORA_RESHAPES[kind](tensor).contiguous()
+        save_file(tensors, shard, metadata=metadata)
+
+    return mutate
+
+
+for _kind in (*LORA_RESHAPES, "B_missing"):
+    register("lora_factors", _kind, _lora_factor(_kind))
+
+
+def _replace_model(template: str) -> Mutation:
+    def mutate(world: World) -> None:
+        shutil.rmtree(world.model)
+        _copy(getattr(world.t, template), world.model)
+
+    return mutate
+
+
+register("materialize_source", "full_experts", _replace_model("moe"))
+register("materialize_source", "dense_folder", _replace_model("small_dense"))
+register("shrink_source", "shared_experts", _replace_model("shared"))
+register("shrink_source", "dense_folder", _replace_model("small_dense"))
+
+
 # Outputs: the input itself, inside or around an input, a file, under a file, unwritable, too long, full disk.
 def _output(kind: str) -> Mutation:
     def mutate(world: World) -> None:
@@ -916,6 +992,11 @@ OUTPUT_KINDS = {
     "convert": FOLDER_OUTPUT_KINDS,
     "mix": ("is_input", "is_input_no_overwrite", "inside_input", "contains_input", "is_file", "under_file",
             "exists_foreign_overwrite", "exists_ours_no_overwrite", "name_too_long", "disk_full"),
+    "materialize": ("is_input", "is_input_no_overwrite", "inside_input", "contains_input", "is_file", "under_file",
+                    "exists_foreign_overwrite", "exists_ours_no_overwrite", "name_too_long", "disk_full",
+                    "file_size_limit"),
+    "shrink": ("is_input", "inside_input", "contains_input", "is_file", "under_file", "exists_foreign_overwrite",
+               "exists_ours_no_overwrite", "is_validation_file", "disk_full"),
     "export": FOLDER_OUTPUT_KINDS,
     "merge": (*FOLDER_OUTPUT_KINDS, "is_adapter"),
     "train": ("is_input", "contains_input", "contains_input_project", "is_file", "under_file", "name_too_long",
@@ -957,11 +1038,19 @@ FLAGS = {
     "evaluate": {"batch_size_0": ["--batch_size", "0"], "batch_size_negative": ["--batch_size", "-2"],
                  "block_size_0": ["--block_size", "0"], "block_size_1": ["--block_size", "1"],
                  "max_eval_samples_0": ["--max_eval_samples", "0"], "text_column_missing": ["--text_column", "nope"]},
+    "materialize": {"max_shard_size_junk": ["--max-shard-size", "lots"], "max_shard_size_0": ["--max-shard-size", "0"],
+                    "unknown_flag": ["--num-experts", "2"]},
+    "shrink": {"num_experts_0": ["--num-experts", "0"], "num_experts_more_than_model": ["--num-experts", "5"],
+               "num_experts_not_int": ["--num-experts", "two"], "method_unknown": ["--method", "average"],
+               "block_size_0": ["--block-size", "0"], "block_size_1": ["--block-size", "1"],
+               "max_tokens_below_block": ["--max-tokens", "8"], "max_shard_size_junk": ["--max-shard-size", "lots"],
+               "data_is_model": ["--data", "{root}/moe"]},
     "export": {"max_shard_size_junk": ["--max-shard-size", "lots"], "max_shard_size_0": ["--max-shard-size", "0"],
                "to_other_family": ["--to", "qwen2_moe"], "to_unknown": ["--to", "nope"]},
-    "analyze": {"batch_size_0": ["--batch_size", "0"], "block_size_1": ["--block_size", "1"],
-                "max_tokens_below_block": ["--max_tokens", "8"], "data_without_name": ["--data", "{root}/train.txt"],
-                "data_name_twice": ["--data", "docs={root}/train.txt"], "text_column_missing": ["--text_column", "nope"]},
+    "analyze": {"batch_size_0": ["--batch_size", "0"], "block_size_0": ["--block_size", "0"],
+                "block_size_1": ["--block_size", "1"], "max_tokens_below_block": ["--max_tokens", "8"],
+                "data_without_name": ["--data", "{root}/train.txt"], "data_name_twice": ["--data", "docs={root}/train.txt"],
+                "text_column_missing": ["--text_column", "nope"]},
 }
 for _command, _table in FLAGS.items():
     for _name, _flagset in _table.items():
@@ -999,6 +1088,10 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "convert": ("weights", "weights_single", "index", "config", "config_dense", "files", "recipe_convert",
                 "output_convert", "flags_convert"),
     "mix": ("weights", "index", "config", "files", "recipe_mix", "mix_sources", "output_mix"),
+    "materialize": ("weights", "index", "config", "config_moe", "config_lora", "lora_factors", "files",
+                    "materialize_source", "output_materialize", "flags_materialize"),
+    "shrink": ("weights", "index", "config", "config_moe", "files", "tokenizer", "data_valid", "shrink_source",
+               "output_shrink", "flags_shrink"),
     "train": ("weights", "index", "config", "config_moe", "files", "tokenizer", "data_train", "data_valid", "recipe_train",
               "output_train", "flags_train"),
     "merge": ("weights", "index", "config", "config_moe", "files", "tokenizer", "adapter_config", "adapter_base",
@@ -1019,12 +1112,20 @@ CORE_SHARD = ("random_bytes_64", "truncated_in_header", "truncated_half_data", "
               "offsets_strings", "shard_is_directory", "shard_missing")
 CORE_INDEX = ("invalid_json", "json_list", "weight_map_list", "weight_map_missing", "weight_map_values_int",
               "weight_map_unknown_file", "weight_map_path_traversal")
-EXPENSIVE = {"train", "merge", "evaluate", "analyze"}
+EXPENSIVE = {"train", "merge", "evaluate", "analyze", "shrink"}
+# One wrong value of each MoE config field, for the newer commands that read an upcycled config.json.
+CORE_CONFIG_MOE = ("num_experts_string", "num_experts_per_tok_null", "moe_layers_string", "router_type_unknown",
+                   "text_config_null", "text_config.hidden_size_string", "model_type_dense_family")
 # mix reads its sources with convert's reader (every shard and index mutation runs there): a few of each here.
 SUBSETS = {**{command: {"weights": CORE_SHARD, "index": CORE_INDEX} for command in EXPENSIVE},
            "mix": {"weights": ("random_bytes_64", "truncated_half_data", "header_json_list", "shape_size_mismatch",
                                "shard_missing"),
-                   "index": ("invalid_json", "weight_map_unknown_file", "weight_map_path_traversal")}}
+                   "index": ("invalid_json", "weight_map_unknown_file", "weight_map_path_traversal")},
+           # materialize reads with convert's reader too: the core of each family, its own LoRA families in full.
+           "materialize": {"weights": CORE_SHARD, "index": CORE_INDEX, "config_moe": CORE_CONFIG_MOE}}
+# shrink routes --data as analyze does (every data mutation runs there): a few here.
+SUBSETS["shrink"] |= {"config_moe": CORE_CONFIG_MOE,
+                      "data_valid": ("missing", "shorter_than_a_block", "directory", "binary", "jsonl_wrong_column")}
 
 
 def _cases() -> list:
@@ -1077,7 +1178,7 @@ SUBPROCESS_SUBSET = (
     "train-output_train-is_input",
     "train-data_train-parquet_garbage", "merge-adapter_config-peft_type_unknown", "evaluate-config_moe-num_experts_string",
     "push-online-push_online-offline_mode", "export-output_export-is_input", "export-config_moe-text_config.hidden_size_string",
-    "analyze-data_valid-binary",
+    "analyze-data_valid-binary", "materialize-lora_factors-A_rank_plus_one", "shrink-flags_shrink-num_experts_more_than_model",
 )
 _BY_ID = {case.id: case.values for case in CASES}
 
