@@ -86,6 +86,7 @@ def shrink(folder: str | Path, output: str | Path, *, num_experts: int, data: st
     if config.expert_sharing != "none":
         raise InvalidOptionError(f"{folder} has shared-weight experts; materialize them first (moe-upcycle materialize) "
                                  "and shrink that folder")
+    max_shard_bytes = parse_size(max_shard_size)  # before the routing pass, not after it
     E = config.num_experts
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= E:
         raise InvalidOptionError(f"num_experts={num_experts!r} is invalid: expected an integer in [1, {E}] (the model "
@@ -124,7 +125,7 @@ def shrink(folder: str | Path, output: str | Path, *, num_experts: int, data: st
     config.num_experts, config.num_experts_per_tok = num_experts, min(config.num_experts_per_tok, num_experts)
     config.upcycling = record
     with upcycled_checkpoint(output, plan, config, overwrite=overwrite, inputs=[folder, data], side_files_from=folder,
-                             readers=[reader], max_shard_bytes=parse_size(max_shard_size), desc="Shrinking") as (_, result):
+                             readers=[reader], max_shard_bytes=max_shard_bytes, desc="Shrinking") as (_, result):
         pass
     result.seconds = time.perf_counter() - start
     return result
