@@ -59,7 +59,7 @@ def test_groups_and_module_names_mix_and_the_command_line_overrides_a_recipe(tmp
     ("lora_target: [attention, 5]\n", "lora_target=['attention', 5] is invalid: expected a string or a list of strings"),
     ("lora_target: [[attention]]\n", "lora_target=[['attention']] is invalid"),
     ("use_lora: true\nlora_target: []\n", "lora_target='' names nothing to adapt: give groups (attention, experts, "
-                                          "dense_mlp, router)"),
+                                          "dense_mlp, router, expert_deltas)"),
 ])
 def test_a_recipe_value_that_names_nothing_is_refused(tmp_path, recipe, needle):
     with pytest.raises(InvalidOptionError) as info:
@@ -81,6 +81,8 @@ def models(tmp_path_factory) -> dict[str, Callable[[], nn.Module]]:
     module)."""
     folder = tmp_path_factory.mktemp("lora_targets")
     moe_upcycle.upcycle(build_dense("llama", folder / "llama"), folder / "llama_moe", num_experts=4, top_k=2, layers="0,2")
+    moe_upcycle.upcycle(folder / "llama", folder / "llama_shared", num_experts=4, top_k=2, layers="0,2",
+                        expert_sharing="lora", expert_lora_rank=2)
     build_dense("opt", folder / "opt")
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -88,6 +90,7 @@ def models(tmp_path_factory) -> dict[str, Callable[[], nn.Module]]:
     moe_upcycle.upcycle(folder / "bert", folder / "bert_moe", num_experts=4, top_k=2, layers="0,2")
     return {
         "upcycled": lambda: AutoModelForCausalLM.from_pretrained(folder / "llama_moe"),
+        "upcycled_shared": lambda: AutoModelForCausalLM.from_pretrained(folder / "llama_shared"),
         "upcycled_encoder": lambda: AutoModelForMaskedLM.from_pretrained(folder / "bert_moe"),
         "mixtral": _native("mixtral", num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": _native("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
@@ -112,6 +115,7 @@ NO_MOE = InvalidOptionError
 EXPECTED = {  # group -> model -> names inside their layer, expert parameter names, router names, or an error
     "attention": {
         "upcycled": _each(range(3), *LLAMA_ATTENTION), "mixtral": _each(range(2), *LLAMA_ATTENTION),
+        "upcycled_shared": _each(range(3), *LLAMA_ATTENTION),
         "qwen2_moe": _each(range(2), *LLAMA_ATTENTION), "dense": _each(range(3), *LLAMA_ATTENTION),
         "upcycled_encoder": _each(range(3), "attention.self.query", "attention.self.key", "attention.self.value",
                                   "attention.output.dense"),
@@ -119,20 +123,26 @@ EXPECTED = {  # group -> model -> names inside their layer, expert parameter nam
     },
     "experts": {
         "upcycled": GATED_EXPERTS, "mixtral": GATED_EXPERTS, "qwen2_moe": GATED_EXPERTS, "dense": NO_MOE,
+        "upcycled_shared": NO_MOE,  # its experts are adapted by their own deltas
         "upcycled_encoder": ["intermediate.experts.down_proj", "intermediate.experts.up_proj"], "dense_opt": NO_MOE,
     },
     "dense_mlp": {
         "upcycled": _each([1], "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), "mixtral": NO_MOE,
+        "upcycled_shared": _each([1], "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         "qwen2_moe": _each([1], "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),  # not the shared expert
         "dense": _each(range(3), "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         "upcycled_encoder": _each([1], "intermediate.dense", "output.dense"), "dense_opt": _each(range(3), "fc1", "fc2"),
     },
     "router": {
         "upcycled": ["mlp.gate"], "mixtral": ["mlp.gate"], "qwen2_moe": ["mlp.gate"], "dense": NO_MOE,
-        "upcycled_encoder": ["intermediate.gate"], "dense_opt": NO_MOE,
+        "upcycled_encoder": ["intermediate.gate"], "dense_opt": NO_MOE, "upcycled_shared": ["mlp.gate"],
+    },
+    "expert_deltas": {
+        "upcycled_shared": ["mlp.experts.deltas"], "upcycled": NO_MOE, "mixtral": NO_MOE, "qwen2_moe": NO_MOE,
+        "dense": NO_MOE, "upcycled_encoder": NO_MOE, "dense_opt": NO_MOE,
     },
 }
-SLOT = {"attention": 0, "dense_mlp": 0, "experts": 1, "router": 2}
+SLOT = {"attention": 0, "dense_mlp": 0, "experts": 1, "router": 2, "expert_deltas": 2}
 
 
 def test_every_group_is_expected_on_every_model():
@@ -176,7 +186,7 @@ def test_an_unknown_group_is_one_clear_error(models):
         find_targets(models["upcycled"](), ["attention", "expert"])
     message = str(info.value)
     assert message.startswith("lora_target 'expert' matches no module; did you mean 'experts'? groups are attention, "
-                              "experts, dense_mlp, router and linear module names are ")
+                              "experts, dense_mlp, router, expert_deltas and linear module names are ")
     assert "\n" not in message and "q_proj" in message
 
 

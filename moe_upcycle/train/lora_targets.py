@@ -149,14 +149,16 @@ LORA_TARGET_GROUPS: dict[str, LoraTargetGroup] = {group.name: group for group in
     LoraTargetGroup("attention", "every linear layer of the attention", "target_modules", _attention,
                     "matched no linear layer inside an attention module"),
     LoraTargetGroup("experts", "the fused expert tensors, one LoRA delta per expert", "target_parameters", _experts,
-                    "needs a MoE model; this one has no MoE layers", needs_moe=True),
+                    "needs a MoE model with full experts; this one has no MoE layers, or shared-weight experts only "
+                    "(their group is expert_deltas)", needs_moe=True),
     LoraTargetGroup("dense_mlp", "linear layers of the MLPs left dense", "target_modules", _dense_mlp,
                     "matched no linear layer of a dense MLP: every feed-forward of this model is a MoE block "
                     "(or name its linear modules instead)"),
     LoraTargetGroup("router", "the routers, trained fully", "modules_to_save", _routers,
                     "needs a MoE model; this one has no routers", needs_moe=True),
     LoraTargetGroup("expert_deltas", "the low-rank deltas of shared-weight experts, trained fully", "modules_to_save",
-                    expert_deltas, "needs shared-weight experts (moe-upcycle convert --expert-sharing lora)",
+                    expert_deltas, "needs a MoE model with shared-weight experts (moe-upcycle convert "
+                    "--expert-sharing lora)",
                     needs_moe=True),
 )}
 
