@@ -93,6 +93,9 @@ class MoeArguments:
     router_only: bool = field(default=False, metadata={"help": "train only the routers"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the config's aux coef"})
     router_z_loss_coef: float | None = field(default=None, metadata={"help": "override the config's z-loss coef"})
+    freeze_vision: bool = field(default=True, metadata={
+        "help": "vision-language models: keep the vision tower frozen (the projector trains in full fine-tuning; "
+                "with --use_lora only the LoRA targets and routers train, never the vision tower or projector)"})
     routing_heatmap: bool = field(default=True, metadata={"help": "save expert_load.png at the end of training"})
 
     def __post_init__(self):

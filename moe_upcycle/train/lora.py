@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import MoeArguments
-from .lora_targets import LORA_TARGET_GROUPS, expert_deltas, find_targets, moe_blocks
+from .lora_targets import LORA_TARGET_GROUPS, VISION_TOWERS, expert_deltas, find_targets, moe_blocks, vision_parts
 
 
 @contextmanager
@@ -33,6 +33,17 @@ def resolved_targets_kept():
         yield
     finally:
         conversion.convert_peft_config_for_transformers = original
+
+
+def freeze_vision(model: nn.Module) -> list[str]:
+    """Freeze a vision-language model's vision tower (``--freeze_vision``); returns its path(s)."""
+    towers = vision_parts(model, VISION_TOWERS)
+    if not towers:
+        raise InvalidOptionError(f"--freeze_vision found no vision tower ({', '.join(VISION_TOWERS)}) in "
+                                 f"{type(model).__name__}; pass --freeze_vision false")
+    for tower in towers:
+        model.get_submodule(tower).requires_grad_(False)
+    return towers
 
 
 def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
@@ -103,9 +114,12 @@ def base_moe_model(model: nn.Module) -> UpcycledMoeForCausalLM | None:
 
 def merge_adapter(adapter_dir: str, base: str, dtype: torch.dtype | None = None) -> nn.Module:
     """Load the base model ``base`` (a folder or Hub id) with the adapter in ``adapter_dir`` and merge it into the weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    from .image_text import is_vision_language
+
+    auto = AutoModelForImageTextToText if is_vision_language(AutoConfig.from_pretrained(base)) else AutoModelForCausalLM
+    model = auto.from_pretrained(base, dtype=dtype)
     with resolved_targets_kept():
         model = PeftModel.from_pretrained(model, adapter_dir)
     return model.merge_and_unload()

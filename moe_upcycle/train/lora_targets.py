@@ -79,11 +79,28 @@ def _inside(name: str, paths: Iterable[str]) -> bool:
     return any(name.startswith(path + ".") for path in paths)
 
 
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+PROJECTORS = ("multi_modal_projector", "connector")
+
+
+def vision_parts(model: nn.Module, names: tuple[str, ...] = VISION_TOWERS + PROJECTORS) -> list[str]:
+    """Paths of a vision-language model's vision tower and projector (modules whose attribute is one of ``names``)."""
+    found = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+    return [name for name in found if not _inside(name, found)]
+
+
+def _language_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers outside a VLM's vision tower and projector (all of them for a text model)."""
+    vision = vision_parts(model)
+    return {name: m for name, m in linear_modules(model).items() if not _inside(name, vision)}
+
+
 def _attention(model: nn.Module) -> list[str]:
     """Linear layers inside a module whose class is named like an attention (``LlamaAttention``, ``GPT2Attention``,
-    ``BertAttention``: BERT's attention output projection sits in its ``output``, beside ``self``)."""
+    ``BertAttention``: BERT's attention output projection sits in its ``output``, beside ``self``); in a
+    vision-language model, the language model's only."""
     attention = [name for name, m in model.named_modules() if name and "attention" in type(m).__name__.lower()]
-    return sorted(name for name in linear_modules(model) if _inside(name, attention))
+    return sorted(name for name in _language_linears(model) if _inside(name, attention))
 
 
 def _experts(model: nn.Module) -> list[str]:
@@ -124,12 +141,12 @@ def _adapter_mlp(model: nn.Module) -> re.Pattern | None:
 def _dense_mlp(model: nn.Module) -> list[str]:
     """Linear layers of feed-forward blocks left dense: inside a module whose class is named like an MLP
     (``LlamaMLP``, ``Qwen3MoeMLP``) or named by the family's adapter, never inside a MoE block (its shared expert
-    and router are not dense MLPs)."""
+    and router are not dense MLPs); in a vision-language model, the language model's only."""
     modules = dict(model.named_modules())
     blocks = moe_blocks(model)
     adapter_mlp = _adapter_mlp(model)
     return sorted(
-        name for name in linear_modules(model)
+        name for name in _language_linears(model)
         if not _inside(name, blocks)
         and ("mlp" in type(modules[_parent(name)]).__name__.lower()
              or (adapter_mlp is not None and adapter_mlp.search(name)))

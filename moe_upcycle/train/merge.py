@@ -40,4 +40,17 @@ def merge_to_folder(adapter_dir: str | Path, output: str | Path, overwrite: bool
 
             write_card(tmp, location=str(output))
         tokenizer.save_pretrained(tmp)
+        processor = _processor_folder(adapter_dir, base)
+        if processor is not None:  # a vision-language model: its image processor too
+            from transformers import AutoProcessor
+
+            AutoProcessor.from_pretrained(processor).save_pretrained(tmp)
     return output.resolve()
+
+
+def _processor_folder(adapter_dir: Path, base: str) -> Path | None:
+    """The adapter folder, else the base model's, when it holds a multimodal processor's files."""
+    for folder in (Path(adapter_dir), Path(base)):
+        if any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+            return folder
+    return None

@@ -12,7 +12,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    Trainer,
+    default_data_collator,
+    set_seed,
+)
 
 from ..card import write_card
 from ..checkpoint import refuse_inputs
@@ -22,14 +31,16 @@ from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import parse_train_args
 from .callbacks import RouterBiasCallback, RoutingStatsCallback, compact_console_logs
 from .data import load_raw, pack
-from .lora import base_moe_model, prepare_model
+from .image_text import IMAGE_FIELDS, ImageTextCollator, check_modality, is_vision_language, load_image_text, read_rows
+from .lora import base_moe_model, freeze_vision, prepare_model
 from .outputs import run_folder
 from .sources import explained_loading, resolve_model
 
 
-def _load_model(path: str, model_args, moe_args):
+def _load_model(path: str, model_args, moe_args, vision: bool = False):
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     with explained_loading(path):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
         )
     is_moe = isinstance(model, UpcycledMoeForCausalLM) or hasattr(model.config, "num_experts_per_tok")
@@ -50,21 +61,56 @@ def _load_model(path: str, model_args, moe_args):
     return model
 
 
-def _train(path: str, model_args, data_args, moe_args, training_args) -> tuple[dict[str, float], Trainer]:
+def _text_data(path: str, model_args, data_args, training_args):
+    """(tokenizer, packed blocks, collator) for a causal LM; image rows in JSON data are refused."""
     with explained_loading(path, "its tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with training_args.main_process_first(desc="dataset preparation"):
-        blocks = pack(load_raw(data_args), tokenizer, data_args)
-    model = prepare_model(_load_model(path, model_args, moe_args), moe_args)
+        raw = load_raw(data_args)
+        for file, flag in ((data_args.train_file, "--train_file"), (data_args.validation_file, "--validation_file")):
+            columns = {*(raw["train"].column_names or ()), *(raw["validation"].column_names or ())}
+            if file and columns & set(IMAGE_FIELDS) and Path(file).suffix.lower() in (".json", ".jsonl"):
+                check_modality(read_rows(file, flag), file, flag, path, vision=False)
+        blocks = pack(raw, tokenizer, data_args)
+    return tokenizer, blocks, default_data_collator
+
+
+def _image_text_data(path: str, model_args, data_args):
+    """(processor, image-text datasets, collator) for a vision-language model, built by its own processor."""
+    with explained_loading(path, "its processor (tokenizer and image processor)"):
+        processor = AutoProcessor.from_pretrained(path, revision=model_args.model_revision)
+    if not hasattr(processor, "image_processor"):
+        raise InvalidOptionError(f"{path} is a vision-language model but has no image processor files "
+                                 "(preprocessor_config.json): copy them from the source model")
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor, load_image_text(data_args, processor, path), ImageTextCollator(tokenizer.pad_token_id)
+
+
+def _train(path: str, model_args, data_args, moe_args, training_args) -> tuple[dict[str, float], Trainer]:
+    with explained_loading(path, "its config"):
+        vision = is_vision_language(AutoConfig.from_pretrained(
+            path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code))
+    if vision:
+        processing, blocks, collator = _image_text_data(path, model_args, data_args)
+        # Image inputs go through the forward's **kwargs: the Trainer would drop them as unused columns.
+        training_args.remove_unused_columns = False
+    else:
+        processing, blocks, collator = _text_data(path, model_args, data_args, training_args)
+    model = _load_model(path, model_args, moe_args, vision)
+    if vision and moe_args.freeze_vision:
+        freeze_vision(model)
+    model = prepare_model(model, moe_args)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=blocks["train"],
         eval_dataset=blocks["validation"],
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
+        processing_class=processing,
+        data_collator=collator,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
