@@ -217,8 +217,9 @@ def test_merge_finds_a_relative_base_beside_the_adapter(lora_run, small_models, 
     ("base_gone", ["the adapter's base model", "does not exist"]),
     ("relative_base_nowhere", ["demo_run/moe", "set base_model_name_or_path"]),
 ])
-def test_merge_bad_adapter(lora_run, tmp_path, capsys, kind, needles):
+def test_merge_bad_adapter(lora_run, tmp_path, capsys, monkeypatch, kind, needles):
     """Item 11: an invalid adapter_config.json, a base model folder that is gone, a relative base found nowhere."""
+    monkeypatch.chdir(tmp_path)  # "nowhere" also for a checkout where `moe-upcycle demo` wrote demo_run/
     adapter = shutil.copytree(lora_run, tmp_path / "lora", ignore=shutil.ignore_patterns("checkpoint-*"))
     path = adapter / "adapter_config.json"
     config = json.loads(path.read_text())
