@@ -458,3 +458,10 @@ def test_an_output_that_is_or_lies_inside_a_source_is_refused(sources, tmp_path,
     _refused(work, ["mix", recipe, a / "old", "--overwrite"], capfd, "lies inside the input", str(a))
     _refused(work, ["mix", recipe, work, "--overwrite"], capfd, "contains the input")
     _refused(work, ["mix", recipe, recipe, "--overwrite"], capfd, str(recipe))
+
+
+def test_the_tokenizer_refusal_names_the_first_differing_token():
+    from moe_upcycle.convert.mixer import _first_difference
+
+    assert _first_difference({"a": {"x": 0, "y": 1}, "b": {"x": 0, "z": 1}}) == "token id 1 is 'y' in a but 'z' in b"
+    assert _first_difference({"a": {"x": 0}, "b": {"x": 0, "z": 1}}) == "token id 1 is None in a but 'z' in b"

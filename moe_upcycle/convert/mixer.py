@@ -59,9 +59,18 @@ def _refuse_other_vocabularies(folders: dict[str, Path]) -> None:
         if reference is None:
             reference = (name, vocab)
         elif vocab != reference[1]:
-            differ = sorted(set(vocab.items()) ^ set(reference[1].items()), key=str)[:3]
-            raise InvalidOptionError(f"the tokenizer of {name} differs from that of {reference[0]} (e.g. {differ}); "
-                                     "experts must share one vocabulary, token for token")
+            raise InvalidOptionError(f"the tokenizer of {name} differs from that of {reference[0]} "
+                                     f"({_first_difference({name: vocab, reference[0]: reference[1]})}); experts must "
+                                     "share one vocabulary, token for token")
+
+
+def _first_difference(vocabularies: dict[str, dict[str, int]]) -> str:
+    """The first token id on which two vocabularies (source name -> token -> id) disagree, in words."""
+    (a, first), (b, second) = ((name, {i: t for t, i in vocab.items()}) for name, vocab in vocabularies.items())
+    for index in sorted(first.keys() | second.keys()):
+        if first.get(index) != second.get(index):
+            return f"token id {index} is {first.get(index)!r} in {a} but {second.get(index)!r} in {b}"
+    return "the same tokens under other ids"
 
 
 def _fingerprint(reader: SafetensorsCheckpoint, keys: dict[str, str], names: list[str]) -> str:
