@@ -128,12 +128,14 @@ def parse_data_specs(items: Sequence[str]) -> dict[str, str]:
 def analyze(model: str | Path | PreTrainedModel, data: dict[str, str | Path], output: str | Path | None = None, *,
             tokenizer=None, text_column: str = "text", block_size: int = 256, batch_size: int = 8,
             max_tokens: int | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-            observe: Callable[[list[torch.Tensor]], None] | None = None) -> RoutingReport:
+            observe: Callable[[list[torch.Tensor]], None] | None = None,
+            data_label: str = "--data {name}={file}") -> RoutingReport:
     """Route every named data set through ``model`` and report the share of its tokens each expert receives.
 
     ``model``: a folder or Hub id (loaded with ``AutoModelForCausalLM``), or a loaded model with ``tokenizer``.
     ``data``: data set name -> local .txt / .json(l) / .parquet file. ``max_tokens``: at most this many tokens per
-    data set (whole blocks). ``observe``: called with each batch's router logits (one [tokens, E] per MoE layer).
+    data set (whole blocks). ``data_label``: how errors about a data set name it (the caller's flag, with ``{name}``
+    and ``{file}``). ``observe``: called with each batch's router logits (one [tokens, E] per MoE layer).
     ``output``: a folder to write :data:`REPORT_FILE` and :data:`HEATMAP_FILE` to, never
     an input nor inside one; it is checked before any work and appears only when everything succeeded.
     """
@@ -157,7 +159,8 @@ def analyze(model: str | Path | PreTrainedModel, data: dict[str, str | Path], ou
         _refuse_dense(str(model), config)
         with explained_loading(path, "its tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    blocks = {name: _blocks(name, str(file), tokenizer, options) for name, file in data.items()}
+    blocks = {name: _blocks(data_label.format(name=name, file=file), str(file), tokenizer, options)
+              for name, file in data.items()}
     if not loaded:
         with explained_loading(path):
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -190,21 +193,21 @@ def _refuse_dense(name: str, config) -> None:
 
 
 @contextmanager
-def _named_data(name: str, file: str) -> Iterator[None]:
-    """Errors about one data set name it as the user wrote it (``--data NAME=FILE``), not as a validation split."""
+def _named_data(label: str, file: str) -> Iterator[None]:
+    """Errors about one data set name it as the user wrote it (``label``: ``--data NAME=FILE``), not as a validation
+    split."""
     try:
         yield
     except InvalidOptionError as err:
         message = str(err).replace("the validation split", "the text")
-        label = f"--data {name}={file}"
         if message.startswith(f"--validation_file {file}"):
             raise InvalidOptionError(label + message[len(f"--validation_file {file}"):]) from None
         raise InvalidOptionError(f"{label}: {message}") from None
 
 
-def _blocks(name: str, file: str, tokenizer, options: DataArguments):
+def _blocks(label: str, file: str, tokenizer, options: DataArguments):
     """The data set's text packed into ``block_size`` blocks with ``labels`` (as ``evaluate`` packs it)."""
-    with _named_data(name, file):
+    with _named_data(label, file):
         raw = load_files({"validation": file})
         check_text_column(raw["validation"], options.text_column)
         return pack(raw, tokenizer, replace(options, validation_file=file))["validation"]

@@ -93,3 +93,10 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(argv, needle, small_model
     outcome = run_inprocess(["shrink", moe, tmp_path / "out", "--data", data, *argv], capfd)
     assert not failure_problems(outcome) and needle in outcome.err, outcome.describe()
     assert not tree_problems(tmp_path, before, snapshot(tmp_path))
+
+
+def test_data_errors_name_shrinks_own_flag(small_models, tmp_path, capfd):
+    _, moe = small_models
+    (tmp_path / "empty.txt").write_text("")
+    outcome = run_inprocess(["shrink", moe, tmp_path / "out", "--num-experts", "2", "--data", tmp_path / "empty.txt"], capfd)
+    assert not failure_problems(outcome) and f"--data {tmp_path / 'empty.txt'} is empty" in outcome.err, outcome.describe()

@@ -42,7 +42,8 @@ def routing_statistics(folder: Path, data: str | Path, *, block_size: int, max_t
                 grams.append(torch.zeros(logits.shape[-1], logits.shape[-1], dtype=torch.float64))
             grams[layer] += logits.T @ logits
 
-    report = analyze(folder, {"data": data}, block_size=block_size, max_tokens=max_tokens, observe=observe)
+    report = analyze(folder, {"data": data}, block_size=block_size, max_tokens=max_tokens, observe=observe,
+                     data_label="--data {file}")
     gram = torch.stack(grams)  # [L, E, E]
     norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
     return report.counts[:, 0].double(), gram / (norms[:, :, None] * norms[:, None, :])
