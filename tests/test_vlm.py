@@ -199,3 +199,47 @@ def test_llava_with_other_language_models_is_exact(text_model_type, tmp_path):
     dense_logits, dense_tokens = _run(_load(dense), inputs)
     moe_logits, moe_tokens = _run(_load(tmp_path / "moe"), inputs)
     assert (moe_logits - dense_logits).abs().max() < TOL and torch.equal(moe_tokens, dense_tokens)
+
+
+EXACT_RECIPES = {  # the text recipes that keep a model exact, on a VLM's language model (issue 15 point 1)
+    "granular": dict(num_experts=8, top_k=4, granularity=2),
+    "softmax_topk": dict(router_type="softmax_topk"),
+    "sigmoid": dict(router_type="sigmoid"),
+    "shared_experts": dict(num_experts=6, top_k=3, granularity=4, shared_experts=1, shared_expert_gate=True),
+    "shared_weight_lora": dict(expert_sharing="lora", expert_lora_rank=4),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXACT_RECIPES))
+def test_text_recipes_stay_exact_on_a_vlm(recipe, tmp_path):
+    dense = build_llava(tmp_path / "dense")
+    options = {"num_experts": 4, "top_k": 2, **EXACT_RECIPES[recipe]}
+    result = moe_upcycle.upcycle(dense, tmp_path / "moe", layers="every:2", verify=True, **options)
+    assert "the MoE model computes what the dense model did" in result.notes[-1]
+    inputs = _inputs(tmp_path / "moe")
+    dense_logits, dense_tokens = _run(_load(dense), inputs)
+    moe_logits, moe_tokens = _run(_load(tmp_path / "moe"), inputs)
+    assert (moe_logits - dense_logits).abs().max() < TOL and torch.equal(moe_tokens, dense_tokens)
+
+
+def test_drop_upcycling_on_a_vlm_is_reported_inexact(tmp_path):
+    dense = build_llava(tmp_path / "dense")
+    result = moe_upcycle.upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers="every:2", verify=True,
+                                 drop_upcycling_ratio=0.5)
+    assert "not expected to be exact" in result.notes[-1] and "drop_upcycling_ratio=0.5" in result.notes[-1]
+
+
+def test_mix_and_materialize_work_on_a_vlm(tmp_path, capfd):
+    """mix of two copies of one LLaVA is exact; shared-weight experts on a LLaVA materialize into full experts."""
+    dense = build_llava(tmp_path / "dense")
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(f"gate_mode: random\nallow_identical_sources: true\nexperts:\n  - source_model: {dense}\n"
+                      f"  - source_model: {dense}\n")
+    assert main(["mix", str(recipe), str(tmp_path / "mixed"), "--verify"]) == 0
+    assert "the MoE model computes what the dense model did" in capfd.readouterr().out
+    moe_upcycle.upcycle(dense, tmp_path / "lora", num_experts=4, top_k=2, layers="every:2", expert_sharing="lora",
+                        expert_lora_rank=4)
+    assert main(["materialize", str(tmp_path / "lora"), str(tmp_path / "full")]) == 0
+    inputs = _inputs(tmp_path / "full")
+    logits = [_run(_load(folder), inputs)[0] for folder in (tmp_path / "lora", tmp_path / "full")]
+    assert (logits[0] - logits[1]).abs().max() < TOL

@@ -205,6 +205,11 @@ def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: Pl
     return moe_config
 
 
+def checkpoint_task(config: UpcycledMoeConfig) -> str:
+    """The task (``causal_lm``, ``encoder``, ``image_text_to_text``) of an upcycled checkpoint, from its dense config."""
+    return get_adapter(config.text_config).task
+
+
 @contextmanager
 def upcycled_checkpoint(output: Path, plan: list[PlannedTensor], config: UpcycledMoeConfig, *, overwrite: bool,
                         inputs: list, side_files_from: Path, readers: list[SafetensorsCheckpoint] = (),

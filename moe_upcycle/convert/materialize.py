@@ -24,8 +24,8 @@ from ..checkpoint import (
 )
 from ..errors import InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
-from .converter import UpcycleResult, upcycled_checkpoint
+from .converter import UpcycleResult, checkpoint_task, upcycled_checkpoint
+from .plan import MOE_CLASSES
 
 _BASE = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<name>gate_up_proj|up_proj|down_proj)(?P<bias>_bias)?$")
 
@@ -34,7 +34,7 @@ def _check_source(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, fold
     """Raise unless ``folder`` holds exactly the tensors of the shared-weight model its config describes, shapes
     included: the fold below multiplies the LoRA factors as they are (A [E, r, in], B [E, out, r])."""
     with torch.device("meta"):
-        model = UpcycledMoeForCausalLM(config)
+        model = MOE_CLASSES[checkpoint_task(config)](config)
     found = [PlannedTensor(name, info.dtype, info.shape, list) for name, info in reader.info.items()]
     check_planned(found, model, f"the shared-weight model that {folder / 'config.json'} describes")
 
@@ -85,7 +85,8 @@ def materialize(folder: str | Path, output: str | Path, *, overwrite: bool = Fal
     config.upcycling = {**(config.upcycling or {}), "materialized_from": str(folder),
                         "reproduce": (config.upcycling or {}).get("reproduce")}
     with upcycled_checkpoint(output, plan, config, overwrite=overwrite, inputs=[folder], side_files_from=folder,
-                             readers=[reader], max_shard_bytes=parse_size(max_shard_size), desc="Materializing") as (_, result):
+                             readers=[reader], max_shard_bytes=parse_size(max_shard_size), desc="Materializing",
+                             task=checkpoint_task(config)) as (_, result):
         pass
     result.seconds = time.perf_counter() - start
     return result

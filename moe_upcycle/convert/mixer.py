@@ -36,14 +36,26 @@ SAME_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "hidden_act")
 
 
+def _fields(config) -> dict[str, object]:
+    """What must agree between two sources: the model type, the language model's shape fields and, for a
+    vision-language model, its whole vision config."""
+    text = config.get_text_config()
+    fields = {"model_type": config.model_type, **{key: getattr(text, key, None) for key in SAME_FIELDS[1:]}}
+    vision = getattr(config, "vision_config", None)
+    return {**fields, "vision_config": vision.to_dict() if vision is not None else None}
+
+
 def _refuse_mismatches(configs: dict[str, object]) -> None:
     (first, reference), *others = configs.items()
+    reference = _fields(reference)
     for name, config in others:
-        for key in SAME_FIELDS:
-            a, b = getattr(reference, key, None), getattr(config, key, None)
+        for key, b in _fields(config).items():
+            a = reference[key]
             if a != b:
-                raise InvalidOptionError(f"{name} has {key}={b!r} but {first} has {key}={a!r}; mix needs models of one "
-                                         "architecture (branches of one seed model)")
+                shown = (f"{key}={b!r:.120} but {first} has {key}={a!r:.120}" if key != "vision_config"
+                         else f"another vision_config than {first}")
+                raise InvalidOptionError(f"{name} has {shown}; mix needs models of one architecture (branches of one "
+                                         "seed model)")
 
 
 def _refuse_other_vocabularies(folders: dict[str, Path]) -> None:
@@ -134,7 +146,7 @@ def mix(recipe: str | Path | dict | MixRecipe, output: str | Path, *, verify: bo
     base = recipe.base_model or recipe.experts[0].source_model
     dense_config, folder = configs[base], folders[base]
     adapter = get_adapter(dense_config)
-    layers = resolve_layers(options.layers, dense_config.num_hidden_layers)
+    layers = resolve_layers(options.layers, dense_config.get_text_config().num_hidden_layers)
     readers = {name: SafetensorsCheckpoint(folders[name]) for name in names}
     order = [base, *(n for n in names if n != base)]
     index = {name: i for i, name in enumerate(order)}

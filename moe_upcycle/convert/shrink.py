@@ -25,7 +25,7 @@ from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, par
 from ..errors import InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import DENSE_PREFIX
-from .converter import UpcycleResult, upcycled_checkpoint
+from .converter import UpcycleResult, checkpoint_task, upcycled_checkpoint
 
 METHODS = ("merge", "prune")
 
@@ -126,7 +126,8 @@ def shrink(folder: str | Path, output: str | Path, *, num_experts: int, data: st
     config.num_experts, config.num_experts_per_tok = num_experts, min(config.num_experts_per_tok, num_experts)
     config.upcycling = record
     with upcycled_checkpoint(output, plan, config, overwrite=overwrite, inputs=[folder, data], side_files_from=folder,
-                             readers=[reader], max_shard_bytes=max_shard_bytes, desc="Shrinking") as (_, result):
+                             readers=[reader], max_shard_bytes=max_shard_bytes, desc="Shrinking",
+                             task=checkpoint_task(config)) as (_, result):
         pass
     result.seconds = time.perf_counter() - start
     return result
