@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .quantized_experts import PRECISIONS, QUANT_SCHEMES, check_group_size
 from .routers import ROUTER_TYPES, ROUTERS
 
 EXPERT_KINDS: tuple[str, ...] = ("glu", "mlp")  # gated down(act(gate(x)) * up(x)), plain down(act(up(x)))
@@ -52,6 +53,12 @@ class UpcycledMoeConfig(PreTrainedConfig):
         expert_lora_alpha: alpha of the experts' deltas; the scale is alpha / r.
         expert_lora_targets: projections with a delta: ``"up"`` (the fused gate and up projection of gated
             experts, the up projection of plain ones) and/or ``"down"``.
+        expert_precision: per MoE layer (key: the decoder layer index as a string), the precision of each of its
+            ``num_experts`` experts, one of ``PRECISIONS``: ``"int8"`` (one scale per output row), ``"int4"`` (one
+            scale per ``expert_group_size`` input columns, two values per byte) or ``"float"`` (the model's dtype);
+            see ``quantized_experts.py``. Layers not listed, and every layer when ``None``, hold float experts.
+        expert_group_size: input columns that share one scale in ``int4`` experts (an even divisor of the hidden
+            size and of ``expert_intermediate_size``).
         decoder_layers_path: dotted path of the decoder layer list inside the dense causal-LM module.
         mlp_module_name: attribute name of the feed-forward block inside one decoder layer.
         mlp_activation_attr: attribute of the dense MLP module that holds its activation function.
@@ -94,6 +101,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
     expert_lora_rank: int = 0
     expert_lora_alpha: float = 0.0
     expert_lora_targets: list[str] | None = None
+    expert_precision: dict[str, list[str]] | None = None
+    expert_group_size: int = 64
     decoder_layers_path: str = "model.layers"
     mlp_module_name: str = "mlp"
     mlp_activation_attr: str = "act_fn"
@@ -130,6 +139,10 @@ class UpcycledMoeConfig(PreTrainedConfig):
         text = super().get_text_config(decoder=decoder, encoder=encoder)
         return text if text is self else text.get_text_config(decoder=decoder, encoder=encoder)
 
+    def expert_precision_of(self, layer: int) -> list[str] | None:
+        """The precision of each expert of the MoE block of decoder layer ``layer``; None when its experts are float."""
+        return (self.expert_precision or {}).get(str(layer))
+
     def validate_moe(self, num_layers: int) -> None:
         """Raise ``ValueError`` naming the field, the value and what is allowed."""
         _check(isinstance(self.num_experts, int) and self.num_experts >= 1,
@@ -155,6 +168,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
                    "expert_lora_targets", targets, f"a non-empty list of distinct names from {LORA_TARGETS}")
         _check(isinstance(self.expert_intermediate_size, int) and self.expert_intermediate_size >= 1,
                "expert_intermediate_size", self.expert_intermediate_size, "an integer >= 1")
+        self._validate_precision()
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
             value = getattr(self, name)
             _check(isinstance(value, (int, float)) and value >= 0, name, value, "a number >= 0")
@@ -170,6 +184,33 @@ class UpcycledMoeConfig(PreTrainedConfig):
                "False when there is no shared expert (shared_expert_intermediate_size=0)")
         eps = self.router_jitter_noise
         _check(isinstance(eps, (int, float)) and 0 <= eps < 1, "router_jitter_noise", eps, "a number in [0, 1)")
+
+    def _validate_precision(self) -> None:
+        """``expert_precision`` and ``expert_group_size`` (after ``moe_layers`` and ``expert_intermediate_size``)."""
+        group = self.expert_group_size
+        _check(check_group_size(None, group) is None, "expert_group_size", group, "an even integer >= 2")
+        precision = self.expert_precision
+        if precision is None:
+            return
+        _check(isinstance(precision, dict) and len(precision) > 0, "expert_precision", precision,
+               "None or a non-empty dict {layer index as a string: [precision of each expert]}")
+        _check(self.expert_sharing == "none", "expert_sharing", self.expert_sharing,
+               "'none' when expert_precision is set (quantised experts each store their own weights)")
+        layers = [str(i) for i in self.moe_layers]
+        bad = [key for key in precision if key not in layers]
+        _check(not bad, "expert_precision", bad, f"keys among the MoE layers {layers}")
+        for key, names in precision.items():
+            _check(isinstance(names, list) and len(names) == self.num_experts and set(names) <= set(PRECISIONS),
+                   f"expert_precision[{key!r}]", names,
+                   f"a list of num_experts={self.num_experts} names from {PRECISIONS}")
+        grouped = {name for names in precision.values() for name in names if name in QUANT_SCHEMES
+                   and QUANT_SCHEMES[name].grouped}
+        if grouped:
+            dims = {"hidden size": self.get_text_config().hidden_size,
+                    "expert_intermediate_size": self.expert_intermediate_size}
+            reasons = [f"{reason} ({what})" for what, dim in dims.items() if (reason := check_group_size(dim, group))]
+            _check(not reasons, "expert_group_size", group,
+                   f"a divisor of the experts' input dimensions for {sorted(grouped)} experts, but {'; '.join(reasons)}")
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:

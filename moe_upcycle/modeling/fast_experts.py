@@ -27,9 +27,14 @@ chain of gathers, slices and per-expert matmuls:
   backward; any other ``act_fn`` is differentiated by autograd), so besides the weight gradients it allocates
   only a few [S, H] tensors. A second backward through the same graph (``retain_graph=True``) therefore fails
   autograd's saved-tensor version check instead of returning wrong gradients.
+
+:func:`eager_experts_loop` is the eager reference every experts kernel is tested against (a loop over active
+experts, one gather and one scatter each); experts modules of any storage run it through a ``project`` function.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -203,4 +208,33 @@ def sorted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     return out.to(hidden_states.dtype)
 
 
-__all__ = ["sorted_experts_forward"]
+Project = Callable[[str, torch.Tensor, int], torch.Tensor]
+"""(projection name, x [n, in], expert) -> expert's projection of x [n, out], bias included."""
+
+
+def expert_mlp(project: Project, x: torch.Tensor, expert: int, act_fn, has_gate: bool) -> torch.Tensor:
+    """Expert ``expert`` on its rows x [n, H] -> [n, H]: ``down(act(gate) * up)`` with ``gate_up_proj`` (gate rows
+    first, then up), or ``down(act(up))`` with ``up_proj``."""
+    if has_gate:
+        gate, up = project("gate_up_proj", x, expert).chunk(2, dim=-1)
+        h = act_fn(gate) * up
+    else:
+        h = act_fn(project("up_proj", x, expert))
+    return project("down_proj", h, expert)
+
+
+def eager_experts_loop(project: Project, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor, *, num_experts: int, act_fn, has_gate: bool) -> torch.Tensor:
+    """The eager reference loop over active experts: [T, H], [T, k], [T, k] -> [T, H]."""
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=num_experts).permute(2, 1, 0)  # [E, k, T]
+        active = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert in active[:, 0].tolist():
+        slot, token = torch.where(expert_mask[expert])
+        h = expert_mlp(project, hidden_states[token], expert, act_fn, has_gate) * top_k_weights[token, slot, None]
+        final.index_add_(0, token, h.to(final.dtype))
+    return final
+
+
+__all__ = ["eager_experts_loop", "expert_mlp", "sorted_experts_forward"]

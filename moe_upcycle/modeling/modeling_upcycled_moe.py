@@ -8,10 +8,13 @@ Layout (the same as Transformers' native MoE models, e.g. Mixtral):
 - router ``mlp.gate.weight`` [E, H]
 - gated experts ``mlp.experts.gate_up_proj`` [E, 2I, H] (gate rows first, then up) and ``mlp.experts.down_proj`` [E, H, I]
 - plain experts ``mlp.experts.up_proj`` [E, I, H] and ``mlp.experts.down_proj`` [E, H, I], with ``*_bias`` [E, out]
+- quantised experts (layers listed in ``config.expert_precision``): each projection split by the precision of its
+  experts, ``mlp.experts.gate_up_proj_int8`` / ``_int4`` with ``*_scale``, see quantized_experts.py
 
 The experts classes are decorated with ``use_experts_implementation`` so any registered experts kernel runs
 them: by default ``upcycled_default`` (our ``sorted_mm`` on CPU, Transformers' ``grouped_mm`` on accelerators),
-or ``grouped_mm`` / ``batched_mm`` / ``sorted_mm`` by name; ``eager`` is the reference loop below.
+or ``grouped_mm`` / ``batched_mm`` / ``sorted_mm`` by name; ``eager`` is the reference loop (fast_experts.py).
+Quantised experts run the ``quantized`` kernel, or their eager reference under ``eager``.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
-from .fast_experts import sorted_experts_forward
+from .fast_experts import eager_experts_loop, sorted_experts_forward
 from .lora_experts import UpcycledLoraExperts, shared_lora_experts_forward
 from .moe_losses import RoutingStats, load_balancing_loss, router_z_loss
+from .quantized_experts import UpcycledQuantizedExperts, quantized_experts_forward
 from .routers import ROUTERS, Router
 
 
@@ -56,6 +60,7 @@ DEFAULT_EXPERTS_IMPLEMENTATION = "upcycled_default"
 ALL_EXPERTS_FUNCTIONS.register("sorted_mm", sorted_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register("shared_lora", shared_lora_experts_forward)
+ALL_EXPERTS_FUNCTIONS.register("quantized", quantized_experts_forward)
 
 # Every upcycled class keeps the dense model (with the MoE blocks swapped in) at ``self.model``, so checkpoint
 # tensor names are the dense model's behind this prefix.
@@ -92,21 +97,8 @@ class _ExpertsBase(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-        final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, T]
-            active = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in active[:, 0].tolist():
-            slot, token = torch.where(expert_mask[expert])
-            x = hidden_states[token]
-            if self.has_gate:
-                gate, up = self._project("gate_up_proj", x, expert).chunk(2, dim=-1)
-                h = self.act_fn(gate) * up
-            else:
-                h = self.act_fn(self._project("up_proj", x, expert))
-            h = self._project("down_proj", h, expert) * top_k_weights[token, slot, None]
-            final.index_add_(0, token, h.to(final.dtype))
-        return final
+        return eager_experts_loop(self._project, hidden_states, top_k_index, top_k_weights,
+                                  num_experts=self.num_experts, act_fn=self.act_fn, has_gate=self.has_gate)
 
 
 @use_experts_implementation
@@ -142,12 +134,20 @@ class UpcycledMlpNoBiasExperts(_ExpertsBase):
 
 
 def experts_class(config: UpcycledMoeConfig) -> type[nn.Module]:
-    """The experts class for ``config.expert_sharing`` / ``config.expert_kind`` / ``config.expert_bias``."""
+    """The float experts class for ``config.expert_sharing`` / ``config.expert_kind`` / ``config.expert_bias``."""
     if config.expert_sharing == "lora":
         return UpcycledLoraExperts
     if config.expert_kind == "mlp":
         return UpcycledMlpExperts if config.expert_bias else UpcycledMlpNoBiasExperts
     return UpcycledGluBiasExperts if config.expert_bias else UpcycledGluExperts
+
+
+def build_experts(config: UpcycledMoeConfig, act_fn: nn.Module, layer: int | None = None) -> nn.Module:
+    """The experts of the MoE block of decoder layer ``layer``: quantised where ``config.expert_precision`` lists the
+    layer, else :func:`experts_class`'s (also when ``layer`` is None: a block built outside a model)."""
+    if layer is not None and config.expert_precision_of(layer) is not None:
+        return UpcycledQuantizedExperts(config, act_fn, layer)
+    return experts_class(config)(config, act_fn)
 
 
 class UpcycledSharedExpert(nn.Module):
@@ -178,12 +178,14 @@ class UpcycledSparseMoeBlock(nn.Module):
     (a :class:`~.routers.Router` of the configured kind) and ``g(x) = sigmoid(x @ shared_expert_gate^T)`` or 1.
     """
 
-    def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None):
+    def __init__(self, config: UpcycledMoeConfig, *, act_fn: nn.Module, dropout: nn.Module | None = None,
+                 layer: int | None = None):
+        """``layer``: the decoder layer this block replaces the MLP of (picks its experts' precision)."""
         super().__init__()
         self.jitter_noise = config.router_jitter_noise
         self.gate = ROUTERS[config.router_type](config.num_experts, config.get_text_config().hidden_size,
                                                 config.num_experts_per_tok, config.router_init_std)
-        self.experts = experts_class(config)(config, act_fn)
+        self.experts = build_experts(config, act_fn, layer)
         self.shared_expert = UpcycledSharedExpert(config, act_fn) if config.shared_expert_intermediate_size else None
         hidden = config.get_text_config().hidden_size
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if config.shared_expert_gate else None
@@ -223,7 +225,7 @@ def install_moe_blocks(model: nn.Module, config: UpcycledMoeConfig) -> tuple[Upc
         if act_fn is None:
             act_fn = getattr(layer, config.mlp_activation_attr)
         dropout = getattr(dense_mlp, config.mlp_dropout_attr) if config.mlp_dropout_attr else None
-        block = UpcycledSparseMoeBlock(config, act_fn=act_fn, dropout=dropout)
+        block = UpcycledSparseMoeBlock(config, act_fn=act_fn, dropout=dropout, layer=index)
         setattr(layer, config.mlp_module_name, block)
         for path in config.mlp_bypass or ():
             parent, _, name = path.rpartition(".")
@@ -518,7 +520,7 @@ class _UpcycledMoeEncoderWithHead(UpcycledMoePreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Head weights missing from the checkpoint (a fresh classifier, an MLM head's bias) are initialised
         as the dense family initialises them; routers and experts keep their constructor initialisation."""
-        if not isinstance(module, (Router, _ExpertsBase, UpcycledLoraExperts)):
+        if not isinstance(module, (Router, _ExpertsBase, UpcycledLoraExperts, UpcycledQuantizedExperts)):
             self._dense_head._init_weights(module)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -563,4 +565,6 @@ __all__ = [
     "UpcycledGluBiasExperts",
     "UpcycledMlpExperts",
     "UpcycledMlpNoBiasExperts",
+    "UpcycledQuantizedExperts",
+    "build_experts",
 ]
