@@ -1,7 +1,8 @@
-"""Vision-language models (issue 15): the language model of LLaVA, LLaVA-NeXT and Gemma 3 upcycled into MoE blocks every
-other layer (MoE-LLaVA's layout), exact against the dense VLM with images, loadable with and without the package,
-LLaVA exportable to stock LLaVA with a Mixtral language model; unsupported layouts are refused before anything is
-written."""
+"""Vision-language models (issue 15): the language model of LLaVA, LLaVA-NeXT, Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Idefics3, SmolVLM and Mistral 3 upcycled into MoE blocks every other layer (MoE-LLaVA's layout), exact against the dense
+VLM with images, loadable with and without the package; exports to stock classes (LLaVA-style VLMs with a Mixtral,
+Qwen2-MoE or Qwen3-MoE language model, Qwen3-VL to Qwen3-VL-MoE) compute what ours do, the others are refused; unsupported
+layouts are refused before anything is written."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 import moe_upcycle
+from moe_upcycle.adapters import get_adapter
 from moe_upcycle.checkpoint import SafetensorsCheckpoint
 from moe_upcycle.cli import main
 from moe_upcycle.convert.plan import dense_layout, match_source_keys
 from moe_upcycle.errors import UnsupportedArchitectureError
 from moe_upcycle.export import export_native
 
-from .vlm_families import IMAGE_TOKEN_ID, VLM_KINDS, build_llava, build_vlm, shape_image
+from .vlm_families import IMAGE_TOKEN_ID, VLM_KINDS, build_llava, build_vlm, load_processor, shape_image
 
 TOL = 1e-5
 NEW_TOKENS = 8
@@ -31,7 +33,7 @@ NEW_TOKENS = 8
 
 def _inputs(folder, kind: str = "llava"):
     """A batch with an image (row 0) and a left-padded text-only row (row 1), from the checkpoint's own processor."""
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     processor.tokenizer.padding_side = "left"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is this shape ?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -86,19 +88,22 @@ def test_upcycled_vlm_is_exact_with_images(upcycled):
 def test_everything_but_the_language_mlps_is_copied_byte_for_byte(upcycled):
     dense_dir, moe_dir, _, _ = upcycled
     config = AutoConfig.from_pretrained(dense_dir)
+    adapter = get_adapter(config)
+    language = adapter.decoder_layers_path.removesuffix(".layers")  # the language model, e.g. model.language_model
+    with torch.device("meta"):
+        parts = {f"model.{name}" for name, _ in AutoModelForImageTextToText.from_config(config).model.named_children()}
+    vision = parts - {language}  # the vision tower and the projector
     with SafetensorsCheckpoint(dense_dir) as source, SafetensorsCheckpoint(moe_dir) as ours:
         keys = match_source_keys(source.keys(), dense_layout(config, "image_text_to_text"))  # in-memory name -> key
-        moe_mlp = re.compile(r"language_model\.layers\.1\.mlp\.")
-        copied = [name for name in keys if not moe_mlp.search(name)]
+        copied = [name for name in keys if not name.startswith(adapter.mlp_prefix(1))]
         for name in copied:
             theirs, mine = source.get(keys[name]), ours.get("model." + name)
             assert mine.dtype == theirs.dtype and mine.view(torch.uint8).equal(theirs.view(torch.uint8)), name
-        groups = {group for name in copied for group in ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head")
-                  if group in name}
+        assert vision and all(any(name.startswith(part + ".") for name in copied) for part in vision), vision
         tied = config.tie_word_embeddings  # Gemma 3 reads its LM head from the embeddings
-        assert groups == {"vision_tower", "multi_modal_projector", "embed_tokens", *(() if tied else ("lm_head",))}
+        assert f"{language}.embed_tokens.weight" in copied and ("lm_head.weight" in copied) != tied
         assert sorted(name for name in ours.keys() if name.endswith("experts.gate_up_proj")) == \
-            ["model.model.language_model.layers.1.mlp.experts.gate_up_proj"]  # the vision tower's MLPs stay dense
+            [f"model.{adapter.mlp_prefix(1)}experts.gate_up_proj"]  # the vision tower's MLPs stay dense
         assert len(ours.keys()) == len(copied) + 3  # router, gate_up_proj, down_proj
 
 
@@ -113,7 +118,7 @@ model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_co
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
     logits = model(**inputs).logits.contiguous()
-    row = {key: value[:1] if key in ("input_ids", "attention_mask") else value for key, value in inputs.items()}
+    row = {key: value[:1] if key in sys.argv[5].split(",") else value for key, value in inputs.items()}
     tokens = model.generate(**row, max_new_tokens=int(sys.argv[4]), do_sample=False)
 save_file({"logits": logits, "tokens": tokens.contiguous()}, sys.argv[3])
 """
@@ -129,7 +134,7 @@ def test_upcycled_vlm_loads_with_remote_code_without_the_package(upcycled, tmp_p
     save_file({key: value.contiguous() for key, value in inputs.items()}, tmp_path / "inputs.safetensors")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", CHILD, str(moe_dir), str(tmp_path / "inputs.safetensors"),
-                    str(tmp_path / "out.safetensors"), str(NEW_TOKENS)], check=True, env=env, cwd=tmp_path)
+                    str(tmp_path / "out.safetensors"), str(NEW_TOKENS), ",".join(ROW_KEYS)], check=True, env=env, cwd=tmp_path)
     got = load_file(tmp_path / "out.safetensors")
     assert torch.equal(got["logits"], expected)
     assert torch.equal(got["tokens"][0, -NEW_TOKENS:], expected_tokens)
@@ -157,9 +162,49 @@ def test_llava_exports_to_stock_llava_with_mixtral(tmp_path):
     assert torch.equal(native_tokens, ours_tokens)
 
 
+NATIVE_EXPORTS = {  # (VLM kind, its language model) -> (export target, the native language model's class, MoE layers)
+    ("llava", "qwen2"): ("qwen2_moe", "Qwen2MoeModel", "every:2"),
+    ("llava", "qwen3"): ("qwen3_moe", "Qwen3MoeModel", "every:2"),
+    ("llava_next", "llama"): ("mixtral", "MixtralModel", "all"),
+    ("idefics3", "llama"): ("mixtral", "MixtralModel", "all"),
+    ("smolvlm", "llama"): ("mixtral", "MixtralModel", "all"),
+    ("mistral3", "mistral"): ("mixtral", "MixtralModel", "all"),
+    ("mistral3", "llama"): ("mixtral", "MixtralModel", "all"),
+    ("qwen3_vl", "qwen3_vl_text"): ("qwen3_vl_moe", "Qwen3VLMoeTextModel", "every:2"),
+}
+
+
+@pytest.mark.parametrize("kind, text_model_type", sorted(NATIVE_EXPORTS))
+def test_vlm_exports_to_its_native_twin(kind, text_model_type, tmp_path):
+    """Every dense text-config field is carried over, and stock Transformers computes what ours does."""
+    target, language_model, layers = NATIVE_EXPORTS[kind, text_model_type]
+    dense = build_vlm(kind, tmp_path / "dense", text_model_type=text_model_type)
+    moe_upcycle.upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers=layers, expert_noise=0.2)
+    result = export_native(tmp_path / "moe", tmp_path / "native")
+    assert (result.target, result.source_family) == (target, text_model_type)
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert "auto_map" not in config and not list((tmp_path / "native").glob("*.py"))
+    dense_text, text = json.loads((dense / "config.json").read_text())["text_config"], config["text_config"]
+    no_window = {None, 0}  # Qwen2-MoE writes Qwen2's "no sliding window" (None) as 0
+    changed = {name for name, value in dense_text.items() if name in text and text[name] != value
+               and not (name == "sliding_window" and {value, text[name]} <= no_window)}
+    assert changed == {"model_type"}, {name: (dense_text[name], text[name]) for name in changed}
+    inputs = _inputs(tmp_path / "native", kind)  # the processor came along
+    native = _load(tmp_path / "native")
+    assert type(native).__module__.startswith("transformers.models.")
+    language = get_adapter(AutoConfig.from_pretrained(dense)).decoder_layers_path.removesuffix(".layers")
+    assert type(native.get_submodule(language)).__name__ == language_model
+    native_logits, native_tokens = _run(native, inputs)
+    ours_logits, ours_tokens = _run(_load(tmp_path / "moe"), inputs)
+    assert (native_logits - ours_logits).abs().max() < TOL
+    assert torch.equal(native_tokens, ours_tokens)
+
+
 def test_export_without_an_exact_twin_is_refused(upcycled, tmp_path):
-    why = "Gemma 3 has no native MoE twin" if upcycled[3] == "gemma3" else "every Mixtral layer is a MoE layer"
-    with pytest.raises(moe_upcycle.errors.UpcycleError, match=why):
+    why = VLM_KINDS[upcycled[3]].sparse_export_refusal
+    if why is None:
+        pytest.skip(f"{upcycled[3]} with MoE every other layer has a native twin (test_vlm_exports_to_its_native_twin)")
+    with pytest.raises(moe_upcycle.errors.UpcycleError, match=re.escape(why)):
         export_native(upcycled[1], tmp_path / "native")
     assert not (tmp_path / "native").exists()
 
@@ -168,7 +213,8 @@ def test_unsupported_vision_language_layout_is_refused(tmp_path, capsys):
     source = tmp_path / "paligemma"
     source.mkdir()
     (source / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    with pytest.raises(UnsupportedArchitectureError, match="supported vision-language families: gemma3, llava, llava_next"):
+    every_kind = ", ".join(sorted(VLM_KINDS))  # each supported family has its tiny model here
+    with pytest.raises(UnsupportedArchitectureError, match=f"supported vision-language families: {every_kind}$"):
         moe_upcycle.upcycle(source, tmp_path / "out")
     assert main(["convert", str(source), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -190,12 +236,13 @@ def test_source_without_processor_converts_with_a_note(tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("text_model_type", ["mistral", "qwen2", "qwen3"])
-def test_llava_with_other_language_models_is_exact(text_model_type, tmp_path):
-    dense = build_llava(tmp_path / "dense", text_model_type=text_model_type)
+@pytest.mark.parametrize("kind, text_model_type", [("llava", "mistral"), ("llava", "qwen2"), ("llava", "qwen3"),
+                                                    ("mistral3", "llama")])
+def test_vlms_with_other_language_models_are_exact(kind, text_model_type, tmp_path):
+    dense = build_vlm(kind, tmp_path / "dense", text_model_type=text_model_type)
     result = moe_upcycle.upcycle(dense, tmp_path / "moe", num_experts=4, top_k=2, layers="every:2", verify=True)
     assert "the MoE model computes what the dense model did" in result.notes[-1]
-    inputs = _inputs(tmp_path / "moe")
+    inputs = _inputs(tmp_path / "moe", kind)
     dense_logits, dense_tokens = _run(_load(dense), inputs)
     moe_logits, moe_tokens = _run(_load(tmp_path / "moe"), inputs)
     assert (moe_logits - dense_logits).abs().max() < TOL and torch.equal(moe_tokens, dense_tokens)

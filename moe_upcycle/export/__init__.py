@@ -1,5 +1,6 @@
 """Export an upcycled checkpoint to its native Transformers MoE twin (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo,
-GraniteMoE), so that stock ``AutoModelForCausalLM.from_pretrained`` loads it without this package.
+GraniteMoE; a vision-language model keeps its class with such a language model, Qwen3-VL becomes Qwen3-VL-MoE), so that
+stock ``AutoModelForCausalLM`` (``AutoModelForImageTextToText``) ``.from_pretrained`` loads it without this package.
 
 ``export_native(folder, output, to="auto")``; ``NATIVE_TARGETS`` is the table of targets; refusals raise
 :class:`ExportError` before anything is written.

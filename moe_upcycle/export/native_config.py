@@ -53,8 +53,10 @@ def build_native_config(config: UpcycledMoeConfig, target: NativeTarget) -> PreT
 
     A vision-language source keeps its own config class (e.g. ``LlavaConfig``) and every field of it; only its
     ``text_config`` becomes the native MoE config (``MixtralConfig``), which stock Transformers builds the language
-    model from."""
+    model from; a ``vision_language`` target rebuilds it as the target's VLM config (Qwen3-VL -> Qwen3-VL-MoE)."""
     native_class = CONFIG_MAPPING[target.name]
+    if target.vision_language:
+        native_class = native_class.sub_configs["text_config"]
     native_fields = declared_fields(native_class)
     text, vision_language = config.get_text_config(), config.get_text_config() is not config.text_config
     values = _dense_values(text, target, native_fields)
@@ -69,22 +71,41 @@ def build_native_config(config: UpcycledMoeConfig, target: NativeTarget) -> PreT
     except (TypeError, ValueError) as err:
         raise ExportError(f"cannot build a {target.label} config from this checkpoint: {err}") from None
     _check_kept(native, values, target)
-    return _vision_language_config(config, native) if vision_language else native
+    return _vision_language_config(config, native, target) if vision_language else native
 
 
-def _vision_language_config(config: UpcycledMoeConfig, native_text: PreTrainedConfig) -> PreTrainedConfig:
-    """The source VLM's config with ``native_text`` as its language model, architecture and dtype set."""
+def _vision_language_config(config: UpcycledMoeConfig, native_text: PreTrainedConfig, target: NativeTarget) -> PreTrainedConfig:
+    """The source VLM's config (or, for a ``vision_language`` target, the target's VLM config carrying every field of
+    it) with ``native_text`` as its language model, architecture and dtype set."""
     dense = config.text_config
+    vlm_class = CONFIG_MAPPING[target.name] if target.vision_language else type(dense)
     values = {name: value for name, value in dense.to_dict().items() if name not in _BOOKKEEPING and name != "text_config"}
-    values.update(text_config=native_text, architectures=[MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(dense)].__name__])
+    if vlm_class is not type(dense):
+        _check_fields(type(dense), vlm_class, values, target)
+        for name, sub_class in vlm_class.sub_configs.items():  # the vision config, as the target's class
+            if name != "text_config":
+                sub = getattr(dense, name)
+                sub_values = {key: value for key, value in sub.to_dict().items() if key not in _BOOKKEEPING}
+                _check_fields(type(sub), sub_class, sub_values, target)
+                values[name] = sub_class(**sub_values)
+    values.update(text_config=native_text, architectures=[MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[vlm_class].__name__])
     if config.dtype is not None:
         values["dtype"] = config.dtype
-    native = type(dense)(**values)
+    native = vlm_class(**values)
     for name in ("tie_word_embeddings", "image_token_id", "vision_feature_layer", "vision_feature_select_strategy"):
         if getattr(native, name, None) != getattr(dense, name, None):
             raise ExportError(f"the {dense.model_type} config changed {name} from {getattr(dense, name, None)!r} to "
                               f"{getattr(native, name, None)!r} with a native language model; cannot export it exactly")
     return native
+
+
+def _check_fields(dense_class: type[PreTrainedConfig], native_class: type[PreTrainedConfig], values: dict[str, Any],
+                  target: NativeTarget) -> None:
+    """Raise if ``values`` of a ``dense_class`` config hold a declared field that ``native_class`` lacks."""
+    missing = sorted(set(values) & (declared_fields(dense_class) - declared_fields(native_class)))
+    if missing:
+        raise ExportError(f"the source {dense_class.model_type} config fields {missing} have no counterpart in "
+                          f"{target.label} ({native_class.__name__}); cannot export it exactly")
 
 
 def _check_kept(native: PreTrainedConfig, values: dict[str, Any], target: NativeTarget) -> None:

@@ -15,6 +15,13 @@ from .targets import NATIVE_TARGETS, TARGET_CHOICES, NativeTarget
 
 _KEEP_OURS = "keep the moe_upcycle format, which loads with trust_remote_code=True"
 
+
+def _own_language_model(label: str, text_model: str) -> str:
+    """Why a VLM whose class builds its own language model (not from ``text_config``'s family) has no native twin."""
+    return (f"{label} has no native MoE twin: its model class builds its own dense language model ({text_model}, with "
+            f"multimodal rope) whatever its text_config says, and Transformers has no {label} MoE class")
+
+
 NO_TWIN: Mapping[str, str] = MappingProxyType({
     "gemma": "Gemma has no native MoE twin: no Transformers MoE class has Gemma's decoder (RMSNorm scaled by 1 + weight, "
              "embeddings scaled by sqrt(hidden_size)); Gemma 4's MoE layer is a different block (its router normalises "
@@ -27,6 +34,8 @@ NO_TWIN: Mapping[str, str] = MappingProxyType({
             "learned absolute positions, which no Transformers MoE class has",
     "gpt_neox": "GPT-NeoX has no native MoE twin: its experts are non-gated MLPs with biases and its layers add attention "
                 "and MLP in parallel with LayerNorm and partial rotary embeddings, which no Transformers MoE class has",
+    "qwen2_vl_text": _own_language_model("Qwen2-VL", "Qwen2VLTextModel"),
+    "qwen2_5_vl_text": _own_language_model("Qwen2.5-VL", "Qwen2_5_VLTextModel"),
     "phi3": "Phi-3 has no exact native twin: PhiMoE uses LayerNorm (with bias) instead of RMSNorm and sparsemixer routing "
             "instead of softmax top-k, so it would not compute what the upcycled model does",
 })

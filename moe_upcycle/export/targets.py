@@ -51,7 +51,7 @@ class NativeTarget:
     Args:
         name: the ``--to`` name, which is also the native ``model_type``.
         label: human-readable class family name used in messages.
-        architecture: the native ``*ForCausalLM`` class name.
+        architecture: the native ``*ForCausalLM`` class name (a ``vision_language`` target's VLM class name).
         source_families: dense ``model_type`` values whose upcycled checkpoints are exact in this class.
         moe_fields: our config -> the native config's MoE fields (and fields that override the dense ones).
         dense_only_fields: dense-config fields the native config does not declare, with their rule.
@@ -60,6 +60,8 @@ class NativeTarget:
         dense_layers: whether layers without experts may keep their dense MLP (``mlp_only_layers``).
         extra_tensors: zero tensors the native MoE block has and ours lacks (a disabled shared expert).
         check: dense config -> why it is not exact in this class, or ``None``.
+        vision_language: ``name`` is a vision-language model type whose own class holds the language model (Qwen3-VL-MoE):
+            the native language model is its ``text_config``, and the source VLM's config is rebuilt as it.
     """
 
     name: str
@@ -73,6 +75,7 @@ class NativeTarget:
     dense_layers: bool = False
     extra_tensors: tuple[ExtraTensor, ...] = ()
     check: Callable[[PreTrainedConfig], str | None] = field(default=lambda text: None)
+    vision_language: bool = False
 
     def renames(self, layers_path: str = "model.layers") -> tuple[tuple[str, str], ...]:
         """Regex renames from our (outer ``model.`` prefix stripped) tensor names to the native names; ``layers_path``:
@@ -101,22 +104,23 @@ def _mixtral(config: UpcycledMoeConfig) -> dict[str, Any]:
 
 
 def _qwen_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
-    """Qwen2-MoE / Qwen3-MoE: experts in ``moe_layers``, the dense MLP (``intermediate_size``) elsewhere."""
+    """Qwen2-MoE / Qwen3-MoE / Qwen3-VL-MoE: experts in ``moe_layers``, the dense MLP (``intermediate_size``) elsewhere.
+    Qwen3-VL-MoE's routers always renormalise the top-k weights; the others do with ``norm_topk_prob``."""
     num_layers = config.get_text_config().num_hidden_layers
     return {**_routing(config), "num_experts": config.num_experts, "moe_intermediate_size": config.expert_intermediate_size,
-            "norm_topk_prob": True, "decoder_sparse_step": 1,
-            "mlp_only_layers": [i for i in range(num_layers) if i not in config.moe_layers]}
+            "decoder_sparse_step": 1, "mlp_only_layers": [i for i in range(num_layers) if i not in config.moe_layers]}
 
 
 def _qwen2_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
     # A shared expert of width 0 outputs zeros: the block is exactly the routed experts.
-    return {**_qwen_moe(config), "shared_expert_intermediate_size": 0, "qkv_bias": True}
+    return {**_qwen_moe(config), "norm_topk_prob": True, "shared_expert_intermediate_size": 0, "qkv_bias": True}
 
 
 def _qwen3_moe(config: UpcycledMoeConfig) -> dict[str, Any]:
     # Qwen3-MoE slides the window on every layer or on none (checked by ``_qwen3_uniform_window``).
     layer_types = getattr(config.get_text_config(), "layer_types", None) or []
-    return {**_qwen_moe(config), "use_sliding_window": bool(layer_types) and all(t == "sliding_attention" for t in layer_types)}
+    return {**_qwen_moe(config), "norm_topk_prob": True,
+            "use_sliding_window": bool(layer_types) and all(t == "sliding_attention" for t in layer_types)}
 
 
 def _qwen3_uniform_window(text: PreTrainedConfig) -> str | None:
@@ -161,6 +165,10 @@ _TARGETS: tuple[NativeTarget, ...] = (
         name="qwen3_moe", label="Qwen3-MoE", architecture="Qwen3MoeForCausalLM", source_families=("qwen3",),
         moe_fields=_qwen3_moe, dense_layers=True, check=_qwen3_uniform_window,
         dense_only_fields=MappingProxyType({"head_dim": "carry", "layer_types": "ignore", "max_window_layers": "ignore"}),
+    ),
+    NativeTarget(
+        name="qwen3_vl_moe", label="Qwen3-VL-MoE", architecture="Qwen3VLMoeForConditionalGeneration",
+        source_families=("qwen3_vl_text",), moe_fields=_qwen_moe, dense_layers=True, vision_language=True,
     ),
     NativeTarget(
         name="flex_olmo", label="FlexOlmo", architecture="FlexOlmoForCausalLM", source_families=("olmo2",),
