@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .checkpoint import SafetensorsCheckpoint
 from .errors import UpcycleError
+from .modeling.quantized_experts import QUANT_SCHEMES, scheme_summary
 from .modeling.routers import ROUTERS
 
 
@@ -40,10 +42,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+_QUANTIZED = re.compile(rf"_(?P<scheme>{'|'.join(QUANT_SCHEMES)})(?P<scale>_scale)?$")
+
+
+def _weights_held(name: str, shape: tuple[int, ...]) -> int:
+    """Parameters a stored tensor holds: quantised experts count their weights (int4: two per byte), not their bytes
+    or scales."""
+    stored = _QUANTIZED.search(name) if ".experts." in name else None
+    if stored is None:
+        return math.prod(shape)
+    return 0 if stored["scale"] else math.prod(shape) * 8 // QUANT_SCHEMES[stored["scheme"]].bits
+
+
 def _per_expert_numel(folder: Path) -> tuple[int, int]:
     """(all parameters, those that belong to one expert each): every experts tensor, or with shared-weight experts
     only their low-rank deltas (``*_lora_A`` / ``*_lora_B``; the shared MLP runs for every token)."""
-    numel = {name: math.prod(t.shape) for name, t in SafetensorsCheckpoint(folder).info.items()}
+    numel = {name: _weights_held(name, t.shape) for name, t in SafetensorsCheckpoint(folder).info.items()}
     experts = {name: n for name, n in numel.items() if ".experts." in name}
     deltas = {name: n for name, n in experts.items() if "_lora_" in name}
     return sum(numel.values()), sum((deltas or experts).values())
@@ -103,6 +117,27 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
     return "\n".join(lines), command
 
 
+def _quantization_section(config: dict[str, Any]) -> str | None:
+    """How the experts are stored, from ``expert_precision`` and the ``quantized`` record of ``moe-upcycle quantize``."""
+    precision = config.get("expert_precision")
+    if not precision:
+        return None
+    record = (config.get("upcycling") or {}).get("quantized") or {}
+    lines = [f"The experts are stored as integers with scales (`moe-upcycle quantize`; routers, attention, norms and "
+             f"embeddings are unchanged): {scheme_summary(precision)}, "
+             f"{record.get('average_bits', '?')} bits per expert weight on average, scales included "
+             f"(int8: one scale per output row; int4 and int2: one scale per {config.get('expert_group_size')} input "
+             "columns). The integer weights are what runs: this model does not compute exactly what its float source "
+             "did."]
+    if record.get("scheme") == "auto":
+        lines += ["", f"Precision chosen per expert (MC-MoE style) from the routing of `{record.get('data')}`, for at most "
+                      f"{record.get('target_bits')} bits on average: the experts whose rounding changes the layer's "
+                      "output most (usage included) keep more bits.", "",
+                  "| MoE layer | precision of experts 0, 1, ... |", "| --- | --- |",
+                  *(f"| {layer} | {', '.join(row)} |" for layer, row in precision.items())]
+    return "\n".join(lines)
+
+
 def _render(template: Path, folder: Path, repo_id: str | None, base: str, *, library: str, relation: str,
             location: str | None = None,
             tags: list[str], license: str | None = None, pipeline_tag: str = "text-generation", **values) -> ModelCard:
@@ -145,6 +180,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
     training, train_command = _training_section(folder)
     # The converter records every option and why the result is not exact; the card reads both, decides nothing.
     convert_command = recipe.get("reproduce")  # written by the command that made the checkpoint
+    quantize_command = (recipe.get("quantized") or {}).get("command")
     inexact = recipe.get("inexact_reasons")  # None: converted before the record existed, exactness unknown
     auto_map = config.get("auto_map") or {"AutoModelForCausalLM": None}
     pipeline, auto_class, model_class = next(
@@ -182,9 +218,10 @@ def render_card(folder: str | Path, repo_id: str | None = None, location: str | 
         exact=inexact == [] and training is None,
         inexact_reasons="; ".join(inexact or []),
         training=training,
+        quantization=_quantization_section(config),
         metrics=_metrics_table(folder),
         heatmap="expert_load.png" if (folder / "expert_load.png").is_file() else None,
-        commands="\n".join(c for c in (convert_command, train_command) if c),
+        commands="\n".join(c for c in (convert_command, quantize_command, train_command) if c),
     )
 
 

@@ -12,7 +12,8 @@ from moe_upcycle.cli import build_parser, main
 
 from .families import build_dense
 
-SUBCOMMANDS = ("convert", "mix", "materialize", "shrink", "train", "merge", "evaluate", "analyze", "push", "export", "demo")
+SUBCOMMANDS = ("convert", "mix", "materialize", "shrink", "quantize", "train", "merge", "evaluate", "analyze", "push",
+               "export", "demo")
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -92,7 +92,20 @@ def test_codes_stay_in_range_and_int4_packs_two_per_byte():
     assert low.abs().max() <= 7 and high.abs().max() <= 7
 
 
-@pytest.mark.parametrize(("name", "codes_bytes", "scales"), [("int8", 48 * 64, 48), ("int4", 48 * 64 // 2, 48 * 64 // GROUP)])
+def test_int2_packs_four_per_byte():
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    packed, scale = QUANT_SCHEMES["int2"].quantize(weight, GROUP)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 8) and scale.shape == (8, 32 // GROUP)
+    codes = torch.round(weight / scale.repeat_interleave(GROUP, dim=-1)).long()
+    for i in range(4):  # column 4j + i in bits 2i, 2i + 1, offset by 2
+        assert torch.equal(((packed >> (2 * i)) & 3).long() - 2, codes[:, i::4])
+    assert codes.abs().max() <= 1
+    with pytest.raises(ValueError, match="multiple of 4"):
+        QUANT_SCHEMES["int2"].quantize(torch.randn(4, 6), 2)
+
+
+@pytest.mark.parametrize(("name", "codes_bytes", "scales"), [("int8", 48 * 64, 48), ("int4", 48 * 64 // 2, 48 * 64 // GROUP),
+                                                             ("int2", 48 * 64 // 4, 48 * 64 // GROUP)])
 def test_storage_size_is_the_theoretical_size(name, codes_bytes, scales):
     scheme = QUANT_SCHEMES[name]
     codes, scale = scheme.quantize(torch.randn(48, 64), GROUP)
@@ -135,7 +148,7 @@ def test_slots_and_stored_tensors_follow_the_experts_order():
     assert torch.equal(stored["down_proj"][0], weight[2])
     assert torch.equal(stored["down_proj_int4"][1], QUANT_SCHEMES["int4"].quantize(weight[3], GROUP)[0])
     with pytest.raises(ValueError, match="unknown precisions"):
-        quantize_experts("down_proj", weight, ["int8", "int2", FLOAT, FLOAT, FLOAT], GROUP)
+        quantize_experts("down_proj", weight, ["int8", "int3", FLOAT, FLOAT, FLOAT], GROUP)
 
 
 # -- the config --------------------------------------------------------------------------------------------------
@@ -168,7 +181,7 @@ def test_config_refuses_bad_precisions(options, words):
 def test_config_allows_int8_with_any_even_group_size():
     config = _config({"1": ["int8", FLOAT, "int8", FLOAT, "int8"]}, expert_group_size=256)
     assert config.expert_precision_of(1) == ["int8", FLOAT, "int8", FLOAT, "int8"]
-    assert config.expert_precision_of(0) is None and set(PRECISIONS) == {"int8", "int4", FLOAT}
+    assert config.expert_precision_of(0) is None and set(PRECISIONS) == {"int8", "int4", "int2", FLOAT}
 
 
 # -- one layer: the kernel against the reference -----------------------------------------------------------------

@@ -4,8 +4,8 @@
 ``train`` parses its own flags with ``HfArgumentParser`` and is dispatched before argparse (see ``cli.main``).
 """
 
-from . import analyze, convert, demo, evaluate, export, materialize, merge, mix, push, shrink, train
+from . import analyze, convert, demo, evaluate, export, materialize, merge, mix, push, quantize, shrink, train
 
-COMMANDS = (convert, mix, train, merge, evaluate, analyze, shrink, push, materialize, export, demo)
+COMMANDS = (convert, mix, train, merge, evaluate, analyze, shrink, push, materialize, quantize, export, demo)
 
 __all__ = ["COMMANDS"]

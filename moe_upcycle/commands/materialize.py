@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_output_flags
+
 
 def add(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("materialize", help="fold shared-weight LoRA experts into full experts (W + alpha/r B_e A_e)",
@@ -12,8 +14,7 @@ def add(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "to native Mixtral / Qwen-MoE classes.")
     p.add_argument("folder", help="folder of a model converted with --expert-sharing lora (or trained from one)")
     p.add_argument("output", help="folder to write the full-experts model to (must not exist or be empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT that moe-upcycle wrote")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    add_output_flags(p)
     p.set_defaults(func=run)
     return p
 

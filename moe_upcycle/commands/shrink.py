@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_output_flags, add_routing_flags
+
 
 def add(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("shrink", help="reduce every MoE layer to N experts: prune the least used, or merge by routing "
@@ -16,10 +18,8 @@ def add(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, required=True, metavar="N", help="experts per MoE layer to keep")
     p.add_argument("--data", required=True, metavar="FILE", help=".txt, .json/.jsonl or .parquet text to route")
     p.add_argument("--method", choices=("merge", "prune"), default="merge", help="merge (default) or prune")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per routed block (default 256)")
-    p.add_argument("--max-tokens", type=int, default=200_000, help="route at most this many tokens (default 200000)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT that moe-upcycle wrote")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    add_routing_flags(p, max_tokens=200_000)
+    add_output_flags(p)
     p.set_defaults(func=run)
     return p
 

@@ -28,12 +28,14 @@ from ..checkpoint import (
     atomic_folder,
     check_output,
     copy_side_files,
+    raw_config,
     read_config,
     write_sharded,
 )
 from ..errors import InvalidOptionError, VerificationError
 from ..hub import resolve_source
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
+from ..modeling.quantized_experts import scheme_summary
 from ..version import __version__
 from .options import UpcycleOptions, reproduce_flags, resolve_layers
 from .plan import PlanBuilder, check_against_model
@@ -208,6 +210,23 @@ def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: Pl
 def checkpoint_task(config: UpcycledMoeConfig) -> str:
     """The task (``causal_lm``, ``encoder``, ``image_text_to_text``) of an upcycled checkpoint, from its dense config."""
     return get_adapter(config.text_config).task
+
+
+def read_float_experts(folder: Path, action: str) -> UpcycledMoeConfig:
+    """The config of the upcycled checkpoint ``folder``, whose experts must be full float tensors (what ``shrink`` and
+    ``quantize`` rewrite); anything else is refused in one line naming what ``action`` needs."""
+    raw = raw_config(folder, "an upcycled checkpoint")
+    if raw.get("model_type") != UpcycledMoeConfig.model_type:
+        raise InvalidOptionError(f"{folder} is a {raw.get('model_type')!r} model, not an upcycled MoE one: {action} "
+                                 "rewrites the experts of what moe-upcycle convert, mix or train wrote")
+    config = read_config(folder, UpcycledMoeConfig, "an upcycled checkpoint")
+    if config.expert_sharing != "none":
+        raise InvalidOptionError(f"{folder} has shared-weight experts; materialize them first (moe-upcycle materialize) "
+                                 f"and {action} that folder")
+    if config.expert_precision:
+        raise InvalidOptionError(f"{folder} is already quantised ({scheme_summary(config.expert_precision)}); "
+                                 f"{action} the float model it was quantised from")
+    return config
 
 
 @contextmanager

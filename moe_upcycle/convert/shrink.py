@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from ..analysis import analyze
-from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, parse_size, raw_config, read_config
+from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, parse_size
 from ..errors import InvalidOptionError
-from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import DENSE_PREFIX
-from .converter import UpcycleResult, checkpoint_task, upcycled_checkpoint
+from .converter import UpcycleResult, checkpoint_task, read_float_experts, upcycled_checkpoint
 
 METHODS = ("merge", "prune")
 
@@ -79,14 +78,7 @@ def shrink(folder: str | Path, output: str | Path, *, num_experts: int, data: st
     if method not in METHODS:
         raise InvalidOptionError(f"method={method!r} is invalid: expected one of {', '.join(METHODS)}")
     check_output(output, overwrite, [folder, data])
-    raw = raw_config(folder, "an upcycled checkpoint")
-    if raw.get("model_type") != UpcycledMoeConfig.model_type:
-        raise InvalidOptionError(f"{folder} is a {raw.get('model_type')!r} model, not an upcycled MoE one: shrink "
-                                 "reduces the experts of what moe-upcycle convert, mix or train wrote")
-    config = read_config(folder, UpcycledMoeConfig, "an upcycled checkpoint")
-    if config.expert_sharing != "none":
-        raise InvalidOptionError(f"{folder} has shared-weight experts; materialize them first (moe-upcycle materialize) "
-                                 "and shrink that folder")
+    config = read_float_experts(folder, "shrink")
     max_shard_bytes = parse_size(max_shard_size)  # before the routing pass, not after it
     E = config.num_experts
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= E:

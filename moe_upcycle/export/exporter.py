@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedConfig
 
 from ..checkpoint import (
@@ -24,6 +25,7 @@ from ..checkpoint import (
     write_sharded,
 )
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
+from .dequantize import DequantizedCheckpoint
 from .errors import ExportError
 from .native_config import build_native_config
 from .resolve import explain_mismatch, resolve_target
@@ -79,14 +81,18 @@ def export_native(
     to: str = "auto",
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
+    dequantize: bool = False,
 ) -> ExportResult:
     """Export the upcycled checkpoint in ``folder`` to the native Transformers MoE class ``to`` in ``output``.
 
     ``to="auto"`` picks the exact twin of the source family (llama/mistral -> mixtral, qwen2 -> qwen2_moe,
-    qwen3 -> qwen3_moe, olmo2 -> flex_olmo, granite -> granitemoe). Every check — target, family, layers,
+    qwen3 -> qwen3_moe, olmo2 -> flex_olmo, granite -> granitemoe; a LLaVA-style VLM keeps its class with the
+    language model's twin as text config, qwen3_vl -> qwen3_vl_moe). Every check — target, family, layers,
     config fields, each tensor's name and shape against the native model built on the meta device — runs
     before anything is written; a refusal raises :class:`ExportError` saying why. The output appears at once
-    on success (tokenizer and generation config copied; no ``auto_map``, no code files).
+    on success (tokenizer and generation config copied; no ``auto_map``, no code files). Quantised experts
+    (``moe-upcycle quantize``) are refused unless ``dequantize``: then their dequantised values are written, in the
+    float dtype they were quantised from.
     """
     start = time.perf_counter()
     folder, output = Path(folder), Path(output)
@@ -95,11 +101,14 @@ def export_native(
     config = load_upcycled_config(folder)
     family = config.get_text_config().model_type  # a vision-language model's language model
     target = resolve_target(family, to)
-    reason = explain_mismatch(config, target)
+    reason = explain_mismatch(config, target, dequantize)
     if reason is not None:
         raise ExportError(f"cannot export this {family} checkpoint to {target.label} ({target.architecture}) exactly: {reason}")
     native = build_native_config(config, target)
     reader = SafetensorsCheckpoint(folder)
+    if config.expert_precision:
+        quantized = (config.upcycling or {}).get("quantized") or {}
+        reader = DequantizedCheckpoint(reader, config, getattr(torch, quantized.get("float_dtype", "float32")))
     try:
         plan: list[PlannedTensor] = plan_native_tensors(reader, target, native, config.decoder_layers_path)
         check_against_native(plan, native, target)

@@ -74,12 +74,16 @@ def resolve_target(family: str, to: str) -> NativeTarget:
     return twin
 
 
-def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget) -> str | None:
-    """Why the upcycled ``config`` is not exact in ``target`` (experts, layers, dense-only fields), or ``None``."""
+def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget, dequantize: bool = False) -> str | None:
+    """Why the upcycled ``config`` is not exact in ``target`` (experts, layers, dense-only fields), or ``None``;
+    ``dequantize``: quantised experts are written as their dequantised float values."""
     text = config.get_text_config()
     for name, rule in target.dense_only_fields.items():
         if not isinstance(rule, str) and getattr(text, name, rule.value) != rule.value:
             return f"{rule.reason} ({name}={getattr(text, name)!r} in the source {text.model_type} config)"
+    if getattr(config, "expert_precision", None) and not dequantize:
+        return "its experts are quantised (moe-upcycle quantize) and native MoE classes hold float experts; pass " \
+               "--dequantize to write their dequantised values, or export the float model it was quantised from"
     if getattr(config, "expert_sharing", "none") != "none":
         return "its experts share one MLP plus low-rank deltas; fold them into full experts first with " \
                "`moe-upcycle materialize IN OUT`, then export that folder"

@@ -7,7 +7,9 @@ Schemes (``QUANT_SCHEMES``), for one projection W [out, in] (or a stack [n, out,
   stored as int8 [out, in], scales [out, 1];
 - ``int4``: one float32 scale per group of ``group_size`` input columns, ``s = max |W_group| / 7``, codes in [-7, 7]
   stored two per byte as uint8 [out, in / 2]: ``byte = (q_2j + 8) | ((q_2j+1 + 8) << 4)`` (column 2j in the low
-  nibble), scales [out, in / group_size].
+  nibble), scales [out, in / group_size];
+- ``int2``: as int4 with codes in [-1, 1] (``s = max |W_group|``), four per byte (offset 2; column 4j + i in bits
+  2i, 2i + 1): the cheapest precision that ``quantize --bits auto`` may give experts that matter little.
 
 Dequantisation is ``q * s``; every element's error is at most ``s / 2`` (rounding to the nearest code). A group of
 zeros gets scale 1, so it dequantises to exact zeros.
@@ -124,28 +126,55 @@ class QuantScheme:
 
 
 @dataclass(frozen=True)
-class PackedInt4Scheme(QuantScheme):
-    """Codes in [-7, 7] stored two per byte: ``(q_2j + 8) | ((q_2j+1 + 8) << 4)``."""
+class PackedScheme(QuantScheme):
+    """Codes in [-qmax, qmax] stored ``8 / bits`` per byte, offset by ``2^(bits-1)``: column ``p*j + i`` of a row in
+    bits ``[bits*i, bits*(i+1))`` of its byte j (int4: ``(q_2j + 8) | ((q_2j+1 + 8) << 4)``)."""
+
+    @property
+    def _per_byte(self) -> int:
+        return 8 // self.bits
+
+    def _shifts(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(0, 8, self.bits, dtype=torch.uint8, device=device)  # [per_byte]
+
+    def check(self, in_features: int, group_size: int) -> None:
+        super().check(in_features, group_size)
+        if in_features % self._per_byte:
+            raise ValueError(f"{self.name} experts: {self._per_byte} values share a byte, so the input dimension "
+                             f"{in_features} must be a multiple of {self._per_byte}")
 
     def zero_code(self) -> int:
-        return 8 | (8 << 4)
+        return sum((1 << (self.bits - 1)) << shift for shift in range(0, 8, self.bits))
 
     def quantize(self, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         codes, scale = super().quantize(weight, group_size)  # [..., out, in] int8
-        biased = (codes + 8).to(torch.uint8)
-        return biased[..., 0::2] | (biased[..., 1::2] << 4), scale  # [..., out, in / 2]
+        biased = (codes + (1 << (self.bits - 1))).to(torch.uint8).unflatten(-1, (-1, self._per_byte))  # [..., in/p, p]
+        packed = (biased << self._shifts(codes.device)).sum(dim=-1, dtype=torch.uint8)  # disjoint bits: sum = or
+        return packed, scale  # [..., out, in * bits / 8]
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-        low, high = codes & 0x0F, codes >> 4  # columns 2j, 2j + 1: [..., out, in / 2] each
-        unpacked = torch.stack((low, high), dim=-1).flatten(-2).to(torch.int8) - 8  # [..., out, in]
+        mask = (1 << self.bits) - 1
+        fields = (codes.unsqueeze(-1) >> self._shifts(codes.device)) & mask  # [..., out, in/p, p]
+        unpacked = fields.flatten(-2).to(torch.int8) - (1 << (self.bits - 1))  # [..., out, in]
         return _scaled(unpacked, scale, dtype)
 
 
 QUANT_SCHEMES: dict[str, QuantScheme] = {
     "int8": QuantScheme("int8", bits=8, qmax=127, codes_dtype=torch.int8, grouped=False),
-    "int4": PackedInt4Scheme("int4", bits=4, qmax=7, codes_dtype=torch.uint8, grouped=True),
+    "int4": PackedScheme("int4", bits=4, qmax=7, codes_dtype=torch.uint8, grouped=True),
+    "int2": PackedScheme("int2", bits=2, qmax=1, codes_dtype=torch.uint8, grouped=True),
 }
 PRECISIONS: tuple[str, ...] = (*QUANT_SCHEMES, FLOAT)  # what ``config.expert_precision`` may name per expert
+
+
+def scheme_summary(precision: dict[str, list[str]]) -> str:
+    """``"8 int2 expert(s), 19 int4 expert(s)"``: how many experts of a ``config.expert_precision`` map each precision
+    holds."""
+    counts: dict[str, int] = {}
+    for row in precision.values():
+        for name in row:
+            counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} {name} expert(s)" for name, n in sorted(counts.items()))
 
 
 def stored_name(projection: str, precision: str) -> str:
@@ -311,4 +340,5 @@ def quantized_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_
 
 
 __all__ = ["FLOAT", "PRECISIONS", "QUANT_SCHEMES", "QuantScheme", "UpcycledQuantizedExperts", "check_group_size",
-           "expert_slots", "quantize_experts", "quantized_experts_forward", "scale_name", "stored_name"]
+           "expert_slots", "quantize_experts", "quantized_experts_forward", "scale_name", "scheme_summary",
+           "stored_name"]

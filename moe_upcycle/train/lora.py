@@ -12,7 +12,15 @@ from torch import nn
 from ..errors import InvalidOptionError
 from ..modeling.modeling_upcycled_moe import UpcycledMoeForCausalLM
 from .args import MoeArguments
-from .lora_targets import LORA_TARGET_GROUPS, VISION_TOWERS, expert_deltas, find_targets, moe_blocks, vision_parts
+from .lora_targets import (
+    LORA_TARGET_GROUPS,
+    VISION_TOWERS,
+    expert_deltas,
+    find_targets,
+    moe_blocks,
+    quantized_experts,
+    vision_parts,
+)
 
 
 @contextmanager
@@ -71,6 +79,14 @@ def prepare_model(model: nn.Module, moe: MoeArguments) -> nn.Module:
             targets = [*targets, "router"]
         if shared_weights:  # their experts are adapted by their own deltas
             targets = list(dict.fromkeys("expert_deltas" if t == "experts" else t for t in [*targets, "experts"]))
+        if quantized_experts(model) and "experts" in targets:
+            targets = [t for t in targets if t != "experts"]
+            if not targets:
+                raise InvalidOptionError("lora_target experts: this model's experts are quantised (frozen integers, "
+                                         "moe-upcycle quantize); adapt attention and the routers (QLoRA-style), or "
+                                         "train the float model it was quantised from")
+            print("note: the experts are quantised (frozen integers): LoRA adapts "
+                  f"{', '.join(targets)} around them (QLoRA-style)")
         if not is_moe:
             wanted = [t for t in targets if t in LORA_TARGET_GROUPS and LORA_TARGET_GROUPS[t].needs_moe]
             if wanted:

@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..adapters import explain, get_adapter
 from ..errors import InvalidOptionError
 from ..modeling.modeling_upcycled_moe import UpcycledSparseMoeBlock
+from ..modeling.quantized_experts import UpcycledQuantizedExperts
 
 Slot = Literal["target_modules", "target_parameters", "modules_to_save"]
 
@@ -105,12 +106,19 @@ def _attention(model: nn.Module) -> list[str]:
 
 def _experts(model: nn.Module) -> list[str]:
     """The 3-D expert tensors of every MoE block, named from the block's attribute (``mlp.experts.gate_up_proj``).
-    Shared-weight experts have none: their per-expert part is their ``deltas`` (the ``expert_deltas`` group)."""
+    Shared-weight experts have none: their per-expert part is their ``deltas`` (the ``expert_deltas`` group);
+    quantised experts have none either: they are frozen integers (QLoRA-style training adapts what surrounds them)."""
     return sorted({
         f"{path.rsplit('.', 1)[-1]}.experts.{name}"
-        for path, block in moe_blocks(model).items()
+        for path, block in moe_blocks(model).items() if not isinstance(block.experts, UpcycledQuantizedExperts)
         for name, tensor in block.experts.named_parameters(recurse=False) if tensor.dim() == 3
     })
+
+
+def quantized_experts(model: nn.Module) -> list[str]:
+    """Paths of the quantised experts modules (``moe-upcycle quantize``)."""
+    return [f"{path}.experts" for path, block in moe_blocks(model).items()
+            if isinstance(block.experts, UpcycledQuantizedExperts)]
 
 
 def expert_deltas(model: nn.Module) -> list[str]:
@@ -166,8 +174,8 @@ LORA_TARGET_GROUPS: dict[str, LoraTargetGroup] = {group.name: group for group in
     LoraTargetGroup("attention", "every linear layer of the attention", "target_modules", _attention,
                     "matched no linear layer inside an attention module"),
     LoraTargetGroup("experts", "the fused expert tensors, one LoRA delta per expert", "target_parameters", _experts,
-                    "needs a MoE model with full experts; this one has no MoE layers, or shared-weight experts only "
-                    "(their group is expert_deltas)", needs_moe=True),
+                    "needs a MoE model with full float experts; this one has no MoE layers, shared-weight experts only "
+                    "(their group is expert_deltas) or quantised experts (frozen integers)", needs_moe=True),
     LoraTargetGroup("dense_mlp", "linear layers of the MLPs left dense", "target_modules", _dense_mlp,
                     "matched no linear layer of a dense MLP: every feed-forward of this model is a MoE block "
                     "(or name its linear modules instead)"),
