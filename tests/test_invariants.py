@@ -52,8 +52,8 @@ from .hostile import (
 REPO = "test-user/tiny-moe"
 UNREACHABLE = "http://127.0.0.1:9"  # loopback, closed port: connection refused at once
 COMMANDS = ("convert", "mix", "materialize", "shrink", "train", "merge", "evaluate", "analyze", "push", "push-online",
-            "export")
-FOLDER_OUTPUTS = ("convert", "mix", "materialize", "shrink", "merge", "export")
+            "export", "quantize", "quantize-auto")  # quantize-auto: quantize --bits auto --target-bits B --data FILE
+FOLDER_OUTPUTS = ("convert", "mix", "materialize", "shrink", "merge", "export", "quantize", "quantize-auto")
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -93,6 +93,10 @@ class Templates:
                       "--max_eval_samples", "4", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
                       "--dataloader_pin_memory", "false"])
         assert (self.lora / "adapter_config.json").is_file()
+        from moe_upcycle.cli import main
+
+        self.quantized = root / "quantized"  # int4 experts: refused by quantize (again) and by export without --dequantize
+        assert main(["quantize", str(self.moe), str(self.quantized), "--experts", "int4"]) == 0
 
 
 @pytest.fixture(scope="session")
@@ -151,12 +155,14 @@ class World:
             self.valid = root / "valid.txt"
             self.train.write_text(t.train_text)
             self.valid.write_text(t.valid_text)
-        if command == "shrink":  # --data: the text routed to count each expert's tokens (the data_valid mutations)
+        if command in ("shrink", "quantize-auto"):  # --data: the text routed through the model (data_valid mutations)
             self.valid = root / "data.txt"
             self.valid.write_text(t.valid_text)
+        self.dropped: set[str] = set()  # quantize-auto: its own flags left out of the command line
         self.out = {"convert": root / "out", "mix": root / "mixed", "materialize": root / "full", "shrink": root / "small",
                     "train": root / "trained", "merge": root / "merged", "evaluate": root / "eval.json",
-                    "export": root / "native", "analyze": root / "routing"}.get(command)
+                    "export": root / "native", "analyze": root / "routing", "quantize": root / "quantized",
+                    "quantize-auto": root / "quantized"}.get(command)
 
     # inputs the mutations address
     def folder(self) -> Path:
@@ -230,6 +236,13 @@ class World:
             return ["push", self.push_folder, self.repo, *self.extra]
         if c == "export":
             return ["export", self.model, self.out, *ow, *self.extra]
+        if c == "quantize":
+            return ["quantize", self.model, self.out, "--experts", "int4", *ow, *self.extra]
+        if c == "quantize-auto":
+            auto = [part for flag, value in (("--target-bits", "5"), ("--data", self.valid)) if flag not in self.dropped
+                    for part in (flag, value)]
+            return ["quantize", self.model, self.out, "--bits", "auto", *auto, "--block-size", "16", "--max-tokens", "64",
+                    *ow, *self.extra]
         raise AssertionError(c)
 
     def hub_env(self) -> dict[str, str]:
@@ -912,6 +925,62 @@ register("materialize_source", "full_experts", _replace_model("moe"))
 register("materialize_source", "dense_folder", _replace_model("small_dense"))
 register("shrink_source", "shared_experts", _replace_model("shared"))
 register("shrink_source", "dense_folder", _replace_model("small_dense"))
+# quantize: a dense folder, shared-weight experts (materialize them first), experts quantised already; export: a
+# quantised folder (native classes hold float experts: refused without --dequantize).
+register("quantize_source", "dense_folder", _replace_model("small_dense"))
+register("quantize_source", "shared_experts", _replace_model("shared"))
+register("quantize_source", "quantized", _replace_model("quantized"))
+register("export_source", "quantized", _replace_model("quantized"))
+
+
+def _expert_tensor(kind: str) -> Mutation:
+    """The first MoE layer's down_proj experts [E, out, in] rewritten in place (a well-formed file whose tensor does
+    not fit the config, or that cannot be quantised), or removed from its shard and the index."""
+
+    def mutate(world: World) -> None:
+        folder = world.folder()
+        index = json.loads((folder / INDEX).read_text())
+        key = sorted(k for k in index["weight_map"] if k.endswith(".experts.down_proj"))[0]
+        shard = folder / index["weight_map"][key]
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(shard)
+        tensor = tensors.pop(key)
+        if kind == "missing":
+            del index["weight_map"][key]
+            (folder / INDEX).write_text(json.dumps(index))
+        else:
+            tensors[key] = EXPERT_REWRITES[kind](tensor).contiguous()
+        save_file(tensors, shard, metadata=metadata)
+
+    return mutate
+
+
+def _poisoned(value: float) -> Callable:
+    def rewrite(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[1, 2, 3] = value
+        return t
+
+    return rewrite
+
+
+EXPERT_REWRITES = {
+    "nan": _poisoned(float("nan")), "inf": _poisoned(float("inf")),
+    "flattened": lambda t: t.reshape(-1, t.shape[-1]),  # [E * out, in]: the same bytes, one dimension less
+    "extra_dim": lambda t: t[None],
+    "transposed": lambda t: t.reshape(t.shape[0], t.shape[2], t.shape[1]),
+    "one_expert_less": lambda t: t[:-1],
+    "int32": lambda t: (t * 1000).to(torch.int32),
+}
+for _kind in (*EXPERT_REWRITES, "missing"):
+    register("expert_tensors", _kind, _expert_tensor(_kind))
+# A config.json of the right types that does not describe the experts the weights hold.
+for _keys, _values in {("num_experts",): {"more_than_weights": 8, "fewer_than_weights": 2},
+                       ("expert_precision",): {"string": "int8", "unknown_scheme": {"0": ["int3"] * 4}},
+                       ("expert_group_size",): {"odd": 7}}.items():
+    for _kind, _value in _values.items():
+        register("config_quantize", f"{'.'.join(_keys)}_{_kind}", _config_field(_keys, _value))
 
 
 # Outputs: the input itself, inside or around an input, a file, under a file, unwritable, too long, full disk.
@@ -998,6 +1067,9 @@ OUTPUT_KINDS = {
     "shrink": ("is_input", "inside_input", "contains_input", "is_file", "under_file", "exists_foreign_overwrite",
                "exists_ours_no_overwrite", "is_validation_file", "disk_full"),
     "export": FOLDER_OUTPUT_KINDS,
+    "quantize": FOLDER_OUTPUT_KINDS,
+    "quantize-auto": ("is_input", "inside_input", "contains_input", "is_file", "under_file", "exists_foreign_overwrite",
+                      "exists_ours_no_overwrite", "is_validation_file", "disk_full"),
     "merge": (*FOLDER_OUTPUT_KINDS, "is_adapter"),
     "train": ("is_input", "contains_input", "contains_input_project", "is_file", "under_file", "name_too_long",
               "parent_immutable", "read_only_fs", "disk_full"),
@@ -1047,6 +1119,27 @@ FLAGS = {
                "data_is_model": ["--data", "{root}/moe"]},
     "export": {"max_shard_size_junk": ["--max-shard-size", "lots"], "max_shard_size_0": ["--max-shard-size", "0"],
                "to_other_family": ["--to", "qwen2_moe"], "to_unknown": ["--to", "nope"]},
+    "quantize": {"group_size_0": ["--group-size", "0"], "group_size_negative": ["--group-size", "-64"],
+                 "group_size_odd": ["--group-size", "7"], "group_size_not_dividing": ["--group-size", "48"],
+                 "group_size_huge": ["--group-size", str(2**64)], "group_size_not_int": ["--group-size", "sixty-four"],
+                 "int8_group_size_odd": ["--experts", "int8", "--group-size", "7"],
+                 "int2_group_size_not_dividing": ["--experts", "int2", "--group-size", "48"],
+                 "experts_unknown": ["--experts", "int3"], "bits_unknown": ["--bits", "mixed"],
+                 "target_bits_without_auto": ["--target-bits", "5"],
+                 "data_without_auto": ["--data", "{root}/sentinel.txt"],
+                 "auto_with_experts": ["--bits", "auto", "--target-bits", "5", "--data", "{root}/sentinel.txt"],
+                 "max_shard_size_junk": ["--max-shard-size", "lots"], "max_shard_size_0": ["--max-shard-size", "0"]},
+    "quantize-auto": {"target_bits_0": ["--target-bits", "0"], "target_bits_negative": ["--target-bits", "-5"],
+                      "target_bits_nan": ["--target-bits", "nan"], "target_bits_inf": ["--target-bits", "inf"],
+                      "target_bits_above_32": ["--target-bits", "33"],
+                      "target_bits_below_cheapest": ["--target-bits", "2"],  # int2 with a scale per 64 columns: 2.5
+                      "target_bits_tiny": ["--target-bits", "1e-300"], "target_bits_text": ["--target-bits", "five"],
+                      "experts_with_auto": ["--experts", "int8"], "group_size_0": ["--group-size", "0"],
+                      "group_size_odd": ["--group-size", "7"], "group_size_not_dividing": ["--group-size", "48"],
+                      "group_size_huge": ["--group-size", str(2**64)], "block_size_0": ["--block-size", "0"],
+                      "block_size_1": ["--block-size", "1"], "max_tokens_0": ["--max-tokens", "0"],
+                      "max_tokens_negative": ["--max-tokens", "-64"], "max_tokens_below_block": ["--max-tokens", "8"],
+                      "data_is_model": ["--data", "{root}/moe"], "data_is_output": ["--data", "{root}/quantized"]},
     "analyze": {"batch_size_0": ["--batch_size", "0"], "block_size_0": ["--block_size", "0"],
                 "block_size_1": ["--block_size", "1"], "max_tokens_below_block": ["--max_tokens", "8"],
                 "data_without_name": ["--data", "{root}/train.txt"], "data_name_twice": ["--data", "docs={root}/train.txt"],
@@ -1083,6 +1176,17 @@ for _kind in (*REPO_IDS, "readme_broken_front_matter", "readme_not_utf8", "dense
     register("push", _kind, _push(_kind))
 register("push_online", "offline_mode", _push("offline_mode"))
 
+
+def _drop(flag: str) -> Mutation:
+    def mutate(world: World) -> None:
+        world.dropped.add(flag)
+
+    return mutate
+
+
+register("quantize_auto_flags", "data_missing", _drop("--data"))
+register("quantize_auto_flags", "target_bits_missing", _drop("--target-bits"))
+
 # Which mutation families apply to which subcommand.
 APPLIES: dict[str, tuple[str, ...]] = {
     "convert": ("weights", "weights_single", "index", "config", "config_dense", "files", "recipe_convert",
@@ -1101,7 +1205,13 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "push": ("weights", "weights_single", "index", "config", "config_moe", "files", "adapter_config", "adapter_weights",
              "push"),
     "push-online": ("weights", "index", "config", "config_moe", "files", "adapter_config", "push", "push_online"),
-    "export": ("weights", "weights_single", "index", "config", "config_moe", "files", "output_export", "flags_export"),
+    "export": ("weights", "weights_single", "index", "config", "config_moe", "files", "export_source", "output_export",
+               "flags_export"),
+    "quantize": ("weights", "weights_single", "index", "config", "config_moe", "config_quantize", "files",
+                 "expert_tensors", "quantize_source", "output_quantize", "flags_quantize"),
+    "quantize-auto": ("weights", "index", "config", "config_moe", "config_quantize", "files", "tokenizer",
+                      "expert_tensors", "data_valid", "quantize_source", "output_quantize-auto", "flags_quantize-auto",
+                      "quantize_auto_flags"),
     "analyze": ("weights", "index", "config", "config_moe", "files", "tokenizer", "data_valid", "output_analyze",
                 "flags_analyze"),
 }
@@ -1112,7 +1222,7 @@ CORE_SHARD = ("random_bytes_64", "truncated_in_header", "truncated_half_data", "
               "offsets_strings", "shard_is_directory", "shard_missing")
 CORE_INDEX = ("invalid_json", "json_list", "weight_map_list", "weight_map_missing", "weight_map_values_int",
               "weight_map_unknown_file", "weight_map_path_traversal")
-EXPENSIVE = {"train", "merge", "evaluate", "analyze", "shrink"}
+EXPENSIVE = {"train", "merge", "evaluate", "analyze", "shrink", "quantize-auto"}
 # One wrong value of each MoE config field, for the newer commands that read an upcycled config.json.
 CORE_CONFIG_MOE = ("num_experts_string", "num_experts_per_tok_null", "moe_layers_string", "router_type_unknown",
                    "text_config_null", "text_config.hidden_size_string", "model_type_dense_family")
@@ -1126,6 +1236,12 @@ SUBSETS = {**{command: {"weights": CORE_SHARD, "index": CORE_INDEX} for command 
 # shrink routes --data as analyze does (every data mutation runs there): a few here.
 SUBSETS["shrink"] |= {"config_moe": CORE_CONFIG_MOE,
                       "data_valid": ("missing", "shorter_than_a_block", "directory", "binary", "jsonl_wrong_column")}
+# quantize --bits auto reads as quantize does (every family runs there) and routes --data as shrink does: the core of
+# each, its own options in full.
+SUBSETS["quantize-auto"] |= {"config_moe": CORE_CONFIG_MOE, "config_quantize": ("num_experts_more_than_weights",),
+                             "expert_tensors": ("nan", "flattened"),
+                             "data_valid": ("missing", "empty", "shorter_than_a_block", "directory", "binary",
+                                            "jsonl_wrong_column")}
 
 
 def _cases() -> list:
@@ -1179,6 +1295,9 @@ SUBPROCESS_SUBSET = (
     "train-data_train-parquet_garbage", "merge-adapter_config-peft_type_unknown", "evaluate-config_moe-num_experts_string",
     "push-online-push_online-offline_mode", "export-output_export-is_input", "export-config_moe-text_config.hidden_size_string",
     "analyze-data_valid-binary", "materialize-lora_factors-A_rank_plus_one", "shrink-flags_shrink-num_experts_more_than_model",
+    "quantize-output_quantize-is_input", "quantize-expert_tensors-nan", "quantize-quantize_source-quantized",
+    "quantize-auto-flags_quantize-auto-target_bits_below_cheapest", "quantize-auto-data_valid-binary",
+    "export-export_source-quantized",
 )
 _BY_ID = {case.id: case.values for case in CASES}
 

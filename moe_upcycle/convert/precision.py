@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidOptionError
+from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.fast_experts import expert_mlp
 from ..modeling.quantized_experts import FLOAT, QUANT_SCHEMES
 
@@ -81,14 +81,18 @@ class _Sensitivity:
         E = blocks[0][1].gate.num_experts
         self.usage = torch.zeros(len(blocks), E, dtype=torch.float64)
         self.error = torch.zeros(len(blocks), E, len(candidates), dtype=torch.float64)
+        self.layers = [layer for layer, _ in blocks]
         self.handles = [block.experts.register_forward_hook(self._hook(i)) for i, (_, block) in enumerate(blocks)]
 
-    def _expert(self, experts: nn.Module, expert: int, x: torch.Tensor, scheme: str) -> torch.Tensor:
+    def _expert(self, experts: nn.Module, expert: int, x: torch.Tensor, scheme: str, layer: int) -> torch.Tensor:
         """Expert ``expert`` of a float experts module on x [n, H] -> [n, H], its weights stored in ``scheme``."""
 
         def project(name: str, h: torch.Tensor, _: int) -> torch.Tensor:
             weight = getattr(experts, name)[expert]  # [out, in]
             if scheme != FLOAT:
+                if not torch.isfinite(weight).all():
+                    raise CheckpointError(f"layer {layer}'s experts {name} holds infinite or NaN values in expert "
+                                          f"{expert}: they cannot be quantised; repair or retrain the model first")
                 spec = QUANT_SCHEMES[scheme]
                 weight = spec.dequantize(*spec.quantize(weight, self.group_size), self.group_size, weight.dtype)
             return F.linear(h, weight, getattr(experts, f"{name}_bias")[expert] if experts.has_bias else None)
@@ -102,11 +106,11 @@ class _Sensitivity:
             for expert in top_k_index.unique().tolist():
                 token, slot = torch.where(top_k_index == expert)
                 x, w2 = hidden[token], top_k_weights[token, slot].double() ** 2  # [n, H], [n]
-                own = self._expert(experts, expert, x, FLOAT)
+                own = self._expert(experts, expert, x, FLOAT, self.layers[index])
                 self.usage[index, expert] += len(token)
                 for s, scheme in enumerate(self.candidates):
                     if scheme != FLOAT:
-                        change = self._expert(experts, expert, x, scheme) - own  # [n, H]
+                        change = self._expert(experts, expert, x, scheme, self.layers[index]) - own  # [n, H]
                         self.error[index, expert, s] += (w2 * change.double().pow(2).sum(-1)).sum()
 
         return hook

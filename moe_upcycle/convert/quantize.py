@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, parse_size
+from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, check_planned, parse_size
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import DENSE_PREFIX
 from ..modeling.quantized_experts import FLOAT, QUANT_SCHEMES, check_group_size, scale_name, scheme_summary, stored_name
 from .converter import UpcycleResult, checkpoint_task, read_float_experts, upcycled_checkpoint
+from .plan import MOE_CLASSES
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 """The experts' weight tensors, [E, out, in]; their biases stay as they are."""
@@ -34,13 +35,34 @@ def _experts_pattern(config: UpcycledMoeConfig) -> re.Pattern:
 
 
 def expert_weights(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig) -> dict[int, dict[str, tuple[int, int]]]:
-    """MoE layer -> projection -> its [out, in] (from the headers)."""
+    """MoE layer -> projection -> its [out, in] (from the headers); integer experts are refused in one line."""
     pattern, found = _experts_pattern(config), {}
     for key in reader.keys():
         match = pattern.match(key)
         if match and int(match[1]) in config.moe_layers:
-            found.setdefault(int(match[1]), {})[match[2]] = tuple(reader.info[key].shape[1:])
+            info = reader.info[key]
+            if not info.dtype.is_floating_point:
+                raise CheckpointError(f"{key} holds {str(info.dtype).removeprefix('torch.')} values, not floats: "
+                                      "quantize rounds float expert weights")
+            found.setdefault(int(match[1]), {})[match[2]] = tuple(info.shape[1:])
     return found
+
+
+def check_source(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, folder: Path) -> None:
+    """Raise unless ``folder`` holds exactly the tensors of the float model its config describes, shapes included
+    (experts of another count or shape, a missing projection): a bad input, refused before anything is planned."""
+    with torch.device("meta"):
+        model = MOE_CLASSES[checkpoint_task(config)](config)
+    found = [PlannedTensor(name, info.dtype, info.shape, list) for name, info in reader.info.items()]
+    check_planned(found, model, f"the model that {folder / 'config.json'} describes")
+
+
+def _finite(key: str, expert: int, row: torch.Tensor) -> torch.Tensor:
+    """``row`` (one expert's [out, in]), refused in one line when it holds values no scale can represent."""
+    if not torch.isfinite(row).all():
+        raise CheckpointError(f"{key} holds infinite or NaN values in expert {expert}: they cannot be quantised; "
+                              "repair or retrain the model first")
+    return row
 
 
 def check_groups(weights: dict[int, dict[str, tuple[int, int]]], group_size: int, schemes: set[str]) -> None:
@@ -68,7 +90,8 @@ def _planned(key: str, dtype: torch.dtype, shape: tuple[int, ...], rows: Callabl
     spec = QUANT_SCHEMES[scheme]
 
     def parts(index: int):
-        return lambda: (spec.quantize(row, group_size)[index] for e, row in enumerate(rows()) if e in experts)
+        return lambda: (spec.quantize(_finite(key, e, row), group_size)[index] for e, row in enumerate(rows())
+                        if e in experts)
 
     names = (stored_name(key, scheme), scale_name(key, scheme))
     return [PlannedTensor(name, stored.dtype, (len(experts), *stored.shape), parts(i))
@@ -114,6 +137,7 @@ def quantize(folder: str | Path, output: str | Path, *, experts: str | None = "i
     max_shard_bytes = parse_size(max_shard_size)
     reader = SafetensorsCheckpoint(folder)
     try:
+        check_source(reader, config, folder)
         weights = expert_weights(reader, config)
         if not weights:
             raise CheckpointError(f"{folder} holds no expert tensors for the MoE layers its config.json names "
