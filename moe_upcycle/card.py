@@ -45,9 +45,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 _QUANTIZED = re.compile(rf"_(?P<scheme>{'|'.join(QUANT_SCHEMES)})(?P<scale>_scale)?$")
 
 
+# torchao's flattened tensors of a quantised parameter (``quantize --backend torchao``): int8 codes, and per row a
+# scale and a zero point.
+_TORCHAO_EXTRA = re.compile(r"\._\w+_(scale|zero_point)$")
+
+
 def _weights_held(name: str, shape: tuple[int, ...]) -> int:
     """Parameters a stored tensor holds: quantised experts count their weights (int4: two per byte), not their bytes
     or scales."""
+    if ".experts." in name and _TORCHAO_EXTRA.search(name):
+        return 0
     stored = _QUANTIZED.search(name) if ".experts." in name else None
     if stored is None:
         return math.prod(shape)
@@ -120,9 +127,18 @@ def _training_section(folder: Path) -> tuple[str | None, str | None]:
 def _quantization_section(config: dict[str, Any]) -> str | None:
     """How the experts are stored, from ``expert_precision`` and the ``quantized`` record of ``moe-upcycle quantize``."""
     precision = config.get("expert_precision")
+    record = (config.get("upcycling") or {}).get("quantized") or {}
+    if record.get("backend") == "torchao":
+        return (f"The experts are stored by torchao {record.get('torchao_version', '')} as int8 weight-only tensors "
+                "(`moe-upcycle quantize --backend torchao`: `Int8WeightOnlyConfig`, one scale per output row, applied "
+                "through Transformers' `TorchAoConfig` to the expert parameters only; routers, attention, norms and "
+                f"embeddings are unchanged), {record.get('average_bits', '?')} bits per expert weight on average, "
+                "scales and zero points included. Loading needs torchao (`pip install torchao`) and runs the "
+                f"`{record.get('experts_implementation', 'eager')}` experts kernel, pinned in config.json "
+                "(`experts_implementation`): torchao's tensors do not run the fused kernels. This model does not "
+                "compute exactly what its float source did.")
     if not precision:
         return None
-    record = (config.get("upcycling") or {}).get("quantized") or {}
     lines = [f"The experts are stored as integers with scales (`moe-upcycle quantize`; routers, attention, norms and "
              f"embeddings are unchanged): {scheme_summary(precision)}, "
              f"{record.get('average_bits', '?')} bits per expert weight on average, scales included "

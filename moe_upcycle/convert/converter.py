@@ -219,6 +219,12 @@ def read_float_experts(folder: Path, action: str) -> UpcycledMoeConfig:
     if raw.get("model_type") != UpcycledMoeConfig.model_type:
         raise InvalidOptionError(f"{folder} is a {raw.get('model_type')!r} model, not an upcycled MoE one: {action} "
                                  "rewrites the experts of what moe-upcycle convert, mix or train wrote")
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", "a quantisation library"))
+        raise InvalidOptionError(f"{folder} is already quantised (by {method}); {action} the float model it was "
+                                 "quantised from")
     config = read_config(folder, UpcycledMoeConfig, "an upcycled checkpoint")
     if config.expert_sharing != "none":
         raise InvalidOptionError(f"{folder} has shared-weight experts; materialize them first (moe-upcycle materialize) "

@@ -117,17 +117,28 @@ def plan_quantized(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, pre
 def quantize(folder: str | Path, output: str | Path, *, experts: str | None = "int8", group_size: int = 64,
              bits: str = "uniform", target_bits: float | None = None, data: str | Path | None = None,
              block_size: int = 256, max_tokens: int | None = 50_000, overwrite: bool = False,
-             max_shard_size: int | str = "5GB") -> UpcycleResult:
+             max_shard_size: int | str = "5GB", backend: str = "native") -> UpcycleResult:
     """Write the upcycled checkpoint ``folder`` to ``output`` with its experts quantised.
 
     ``bits="uniform"``: every expert in ``experts`` (``int8``: symmetric per output row; ``int4``: two values per byte,
     one scale per ``group_size`` input columns). ``bits="auto"``: per expert, from how often ``data`` routes to it
     and how much each precision changes its output, so that the average over expert weights (scales included) is
     at most ``target_bits`` (``convert/precision.py``).
+
+    ``backend="torchao"``: torchao's int8 weight-only tensors instead (``experts="int8"`` only; needs torchao to
+    write and to load; see ``convert/quantize_torchao.py``).
     """
     start = time.perf_counter()
     folder, output = Path(folder), Path(output)
+    if backend not in ("native", "torchao"):
+        raise InvalidOptionError(f"--backend {backend!r} is invalid: expected native (the default) or torchao")
+    if backend == "torchao":
+        from .quantize_torchao import check_torchao_options, quantize_torchao
+
+        check_torchao_options(experts, bits)
     schemes = _check_options(experts, group_size, bits, target_bits, data)
+    if backend == "torchao":
+        return quantize_torchao(folder, output, overwrite=overwrite, max_shard_size=max_shard_size)
     inputs = [folder, *([data] if data is not None else [])]
     check_output(output, overwrite, inputs)
     config = read_float_experts(folder, "quantize")
@@ -155,6 +166,7 @@ def quantize(folder: str | Path, output: str | Path, *, experts: str | None = "i
         else:
             precision = {str(layer): [experts] * config.num_experts for layer in weights}
             record = {"scheme": experts}
+        record["backend"] = "native"
         flags = f"--experts {experts}" if bits == "uniform" else f"--bits auto --target-bits {target_bits} --data {data}"
         record["command"] = f"moe-upcycle quantize {folder} {output} {flags} --group-size {group_size}"
         plan = plan_quantized(reader, config, precision, group_size)

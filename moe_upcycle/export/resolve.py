@@ -81,6 +81,12 @@ def explain_mismatch(config: UpcycledMoeConfig, target: NativeTarget, dequantize
     for name, rule in target.dense_only_fields.items():
         if not isinstance(rule, str) and getattr(text, name, rule.value) != rule.value:
             return f"{rule.reason} ({name}={getattr(text, name)!r} in the source {text.model_type} config)"
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:  # e.g. moe-upcycle quantize --backend torchao
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", "a quantisation library"))
+        return f"its weights are quantised by {method} (no --dequantize for that); export the float model it was " \
+               "quantised from"
     if getattr(config, "expert_precision", None) and not dequantize:
         return "its experts are quantised (moe-upcycle quantize) and native MoE classes hold float experts; pass " \
                "--dequantize to write their dequantised values, or export the float model it was quantised from"

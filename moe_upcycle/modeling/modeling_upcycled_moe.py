@@ -62,6 +62,18 @@ ALL_EXPERTS_FUNCTIONS.register(DEFAULT_EXPERTS_IMPLEMENTATION, default_experts_f
 ALL_EXPERTS_FUNCTIONS.register("shared_lora", shared_lora_experts_forward)
 ALL_EXPERTS_FUNCTIONS.register("quantized", quantized_experts_forward)
 
+# The one experts kernel torchao-quantised experts run with (``quantize --backend torchao``): torchao's ``Int8Tensor``
+# supports indexing and ``linear``, not the transposes and batched matmuls of the fused kernels.
+TORCHAO_EXPERTS_IMPLEMENTATION = "eager"
+
+
+def _torchao_quantized(config) -> bool:
+    """Whether ``config`` describes weights quantised by torchao (its ``quantization_config``, object or dict)."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method)) == "torchao"
+
+
 # Every upcycled class keeps the dense model (with the MoE blocks swapped in) at ``self.model``, so checkpoint
 # tensor names are the dense model's behind this prefix.
 DENSE_PREFIX = "model."
@@ -265,7 +277,17 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     # ``self._moe_blocks``: a plain tuple (not registered again as submodules) set by ``install_moe_blocks``.
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """No request means ``upcycled_default`` (``sorted_mm`` on CPU, ``grouped_mm`` elsewhere), not ``grouped_mm``."""
+        """No request means ``upcycled_default`` (``sorted_mm`` on CPU, ``grouped_mm`` elsewhere), not ``grouped_mm``.
+
+        Experts quantised by torchao (``quantize --backend torchao``) run only the eager loop: no request (or the
+        default) means ``eager`` there, and another kernel is refused in one line.
+        """
+        if _torchao_quantized(self.config):
+            if requested_experts not in (None, DEFAULT_EXPERTS_IMPLEMENTATION, TORCHAO_EXPERTS_IMPLEMENTATION):
+                raise ValueError(f"experts_implementation={requested_experts!r} cannot run this model's torchao-quantised "
+                                 f"experts (torchao's Int8Tensor has no fused-matmul support); use "
+                                 f"experts_implementation={TORCHAO_EXPERTS_IMPLEMENTATION!r} or leave it unset")
+            return TORCHAO_EXPERTS_IMPLEMENTATION
         return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS_IMPLEMENTATION)
 
     @torch.no_grad()
