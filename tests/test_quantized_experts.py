@@ -250,8 +250,8 @@ def test_kernel_dequantises_only_the_selected_experts_one_at_a_time(monkeypatch)
     seen = []
     weight = UpcycledQuantizedExperts.weight
 
-    def counted(self, name, expert, dtype):
-        result = weight(self, name, expert, dtype)
+    def counted(self, name, expert, dtype, rows=slice(None)):
+        result = weight(self, name, expert, dtype, rows)
         seen.append((name, expert, tuple(result.shape)))
         return result
 
@@ -266,6 +266,24 @@ def test_kernel_dequantises_only_the_selected_experts_one_at_a_time(monkeypatch)
     quantized_experts_forward(experts, hidden, index, weights).sum().backward()
     # dequantised again in the backward pass (instead of kept by autograd), still only the selected experts
     assert sorted({e for _, e, _ in seen}) == [0, 3] and len(seen) == 8
+
+
+def test_kernel_dequantises_blocks_of_rows_of_large_projections(monkeypatch):
+    """With a block of 512 weights, each [96, 32] / [32, 48] projection is dequantised 16 / 10 rows at a time: the
+    result and the gradients are the reference's."""
+    import moe_upcycle.modeling.quantized_experts as module
+
+    experts = _experts("glu")
+    hidden, index, weights = _routing(used=(0, 1, 2, 3, 4))
+    hidden.requires_grad_(True)
+    whole = quantized_experts_forward(experts, hidden, index, weights)
+    (grad_whole,) = torch.autograd.grad(whole.pow(2).sum(), hidden)
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", 512)
+    assert [s.stop for s in module._row_blocks(96, 32)] == [16, 32, 48, 64, 80, 96]
+    blocked = quantized_experts_forward(experts, hidden, index, weights)
+    (grad_blocked,) = torch.autograd.grad(blocked.pow(2).sum(), hidden)
+    scale = grad_whole.abs().max()  # the gradient sums the blocks in another order: relative float32 rounding
+    assert (blocked - whole).abs().max() < 1e-6 and (grad_blocked - grad_whole).abs().max() < 1e-6 * scale, scale
 
 
 def test_gradient_reaches_the_hidden_states_and_never_the_integer_tensors():

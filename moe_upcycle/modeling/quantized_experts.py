@@ -70,10 +70,16 @@ def _absmax_codes(weight: torch.Tensor, group: int, qmax: int) -> tuple[torch.Te
     return codes, scale
 
 
-def _scaled(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes [..., out, in] (integers), scale [..., out, G] -> codes * scale of each group [..., out, in] in ``dtype``."""
-    w = codes.to(SCALE_DTYPE).unflatten(-1, (scale.shape[-1], -1)) * scale.to(SCALE_DTYPE).unsqueeze(-1)
-    return w.flatten(-2).to(dtype)
+def _scaled(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """(codes - offset) * scale of each group -> [..., out, in] in ``dtype``: codes [..., out, in] (integers), scale
+    [..., out, G]. One float copy of the weight, scaled in place (computed in float32 for lower-precision dtypes), so
+    dequantising an expert costs one weight-sized buffer."""
+    work = dtype if dtype.itemsize >= SCALE_DTYPE.itemsize else SCALE_DTYPE
+    w = codes.to(work)
+    if offset:
+        w.sub_(offset)
+    w.unflatten(-1, (scale.shape[-1], -1)).mul_(scale.to(work).unsqueeze(-1))
+    return w.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -153,10 +159,8 @@ class PackedScheme(QuantScheme):
         return packed, scale  # [..., out, in * bits / 8]
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-        mask = (1 << self.bits) - 1
-        fields = (codes.unsqueeze(-1) >> self._shifts(codes.device)) & mask  # [..., out, in/p, p]
-        unpacked = fields.flatten(-2).to(torch.int8) - (1 << (self.bits - 1))  # [..., out, in]
-        return _scaled(unpacked, scale, dtype)
+        fields = (codes.unsqueeze(-1) >> self._shifts(codes.device)) & ((1 << self.bits) - 1)  # [..., out, in/p, p]
+        return _scaled(fields.flatten(-2), scale, dtype, offset=1 << (self.bits - 1))
 
 
 QUANT_SCHEMES: dict[str, QuantScheme] = {
@@ -221,22 +225,43 @@ def quantize_experts(projection: str, weight: torch.Tensor, precisions: list[str
     return stored
 
 
+BLOCK_ELEMENTS = 1 << 20
+"""Weights dequantised at a time by the kernel: a block of output rows of one expert's projection (4 MB in float32),
+so running a quantised layer needs no float copy of a whole expert either."""
+
+
+def _row_blocks(out_features: int, in_features: int) -> list[slice]:
+    rows = max(1, BLOCK_ELEMENTS // in_features)
+    return [slice(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
+
+
 class _FrozenLinear(torch.autograd.Function):
     """x [n, in] -> x @ W^T [n, out] for one integer-stored expert projection W, which gets no gradient.
 
-    W is dequantised in the forward and again in the backward pass rather than kept for it, so training holds the
-    integer experts only, not a float copy of every expert a batch used.
+    W is dequantised block of output rows by block (:data:`BLOCK_ELEMENTS`), in the forward and again in the backward
+    pass rather than kept for it, so training holds the integer experts only, not a float copy of every expert a
+    batch used.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, experts: UpcycledQuantizedExperts, projection: str, expert: int) -> torch.Tensor:
         ctx.experts, ctx.projection, ctx.expert = experts, projection, expert
-        return F.linear(x, experts.weight(projection, expert, x.dtype))
+        blocks = _row_blocks(*experts.shapes[projection])
+        if len(blocks) == 1:
+            return F.linear(x, experts.weight(projection, expert, x.dtype))
+        out = x.new_empty(x.shape[0], experts.shapes[projection][0])  # [n, out]
+        for rows in blocks:
+            out[:, rows] = F.linear(x, experts.weight(projection, expert, x.dtype, rows))  # [n, rows]
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        weight = ctx.experts.weight(ctx.projection, ctx.expert, grad.dtype)  # [out, in]
-        return grad @ weight, None, None, None
+        experts, projection, expert = ctx.experts, ctx.projection, ctx.expert
+        grad_x = None
+        for rows in _row_blocks(*experts.shapes[projection]):
+            part = grad[:, rows] @ experts.weight(projection, expert, grad.dtype, rows)  # [n, in]
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None, None
 
 
 class UpcycledQuantizedExperts(nn.Module):
@@ -273,12 +298,14 @@ class UpcycledQuantizedExperts(nn.Module):
         self.act_fn = act_fn
         self.config = config
 
-    def weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert ``expert``'s projection ``name`` [out, in] in ``dtype`` (dequantised; a float expert's own weight)."""
+    def weight(self, name: str, expert: int, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """Expert ``expert``'s projection ``name`` [out, in] (or its output ``rows``) in ``dtype`` (dequantised; a float
+        expert's own weight)."""
         precision, slot = self.slots[expert]
         if precision == FLOAT:
-            return getattr(self, name)[slot].to(dtype)
-        codes, scale = getattr(self, stored_name(name, precision))[slot], getattr(self, scale_name(name, precision))[slot]
+            return getattr(self, name)[slot, rows].to(dtype)
+        codes = getattr(self, stored_name(name, precision))[slot, rows]
+        scale = getattr(self, scale_name(name, precision))[slot, rows]
         return QUANT_SCHEMES[precision].dequantize(codes, scale, self.group_size, dtype)
 
     def dequantized(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -333,8 +360,9 @@ def quantized_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_
     if not ranges:  # no tokens
         return torch.zeros_like(hidden_states)
     x = hidden_states.index_select(0, token)  # [S, H], rows sorted by expert
-    y = torch.cat([expert_mlp(self._project, x[start:end], expert, self.act_fn, self.has_gate)
-                   for expert, start, end in ranges])  # [S, H]
+    y = torch.empty_like(x)  # [S, H], each expert's rows written in place (no list of outputs and their concatenation)
+    for expert, start, end in ranges:
+        y[start:end] = expert_mlp(self._project, x[start:end], expert, self.act_fn, self.has_gate)
     y = y.index_select(0, inverse).view(T, k, -1)  # [T, k, H]
     return torch.bmm(top_k_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)  # sum_j w[t, j] * y[t, j]
 
