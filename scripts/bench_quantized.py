@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,11 +86,16 @@ class Row:
     forward: float = 0.0
 
 
-def measure_process(folder: Path, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(threads)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"measuring {folder} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure_process(folder: Path, threads: int, repeats: int = 1) -> dict:
+    """The child's figures, each the median over ``repeats`` fresh processes (the allocator's high-water marks vary by
+    a few tens of MB from one process to the next)."""
+    runs = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(threads)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"measuring {folder} failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def folder_size(folder: Path) -> int:
@@ -154,8 +160,9 @@ MEMORY_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, 
                     num_key_value_heads=4, dtype="float32")
 
 
-def memory_bench(work: Path, threads: int) -> list[Row]:
-    """Loading peak and forward time of the larger random model (float experts, int8, int4)."""
+def memory_bench(work: Path, threads: int, repeats: int = 5) -> list[Row]:
+    """Peak memory and forward time of the larger random model (float experts, int8, int4): medians of ``repeats``
+    processes."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_convert import build_source
 
@@ -169,7 +176,7 @@ def memory_bench(work: Path, threads: int) -> list[Row]:
         row.size = folder_size(row.folder)
         config = json.loads((row.folder / "config.json").read_text())
         row.bits = (config.get("upcycling", {}).get("quantized") or {}).get("average_bits", 32.0)
-        measured = measure_process(row.folder, threads)
+        measured = measure_process(row.folder, threads, repeats)
         row.load_peak, row.peak, row.forward = measured["load_peak"], measured["peak"], measured["forward"]
     return rows
 
@@ -218,7 +225,8 @@ def main() -> None:
         else:
             print(f"\n(no mixing-experiment model at {args.btx / 'btx'}: run scripts/btx_experiment.py to add its table)")
         big = memory_bench(Path(tmp), args.threads)
-        show("memory: a random float32 Llama (hidden 1024, intermediate 2816, 4 layers) upcycled to 4 experts, top-2", big)
+        show("memory: a random float32 Llama (hidden 1024, intermediate 2816, 4 layers) upcycled to 4 experts, top-2; "
+             "medians of 5 processes", big)
         check_memory(big)
 
 

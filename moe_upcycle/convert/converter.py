@@ -27,6 +27,7 @@ from ..checkpoint import (
     SafetensorsCheckpoint,
     atomic_folder,
     check_output,
+    check_planned,
     copy_side_files,
     raw_config,
     read_config,
@@ -38,7 +39,7 @@ from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.quantized_experts import scheme_summary
 from ..version import __version__
 from .options import UpcycleOptions, reproduce_flags, resolve_layers
-from .plan import PlanBuilder, check_against_model
+from .plan import MOE_CLASSES, PlanBuilder, check_against_model
 from .router_data import rows_from_prompts
 from .verify import Comparison, verify_conversion
 
@@ -210,6 +211,15 @@ def build_moe_config(dense_config, adapter, options: UpcycleOptions, builder: Pl
 def checkpoint_task(config: UpcycledMoeConfig) -> str:
     """The task (``causal_lm``, ``encoder``, ``image_text_to_text``) of an upcycled checkpoint, from its dense config."""
     return get_adapter(config.text_config).task
+
+
+def check_source_tensors(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, what: str) -> None:
+    """Raise unless ``reader`` holds exactly the tensors, shapes included, of the model ``config`` describes (``what``
+    names it): a checkpoint that a rewrite (quantize, materialize) would read as it is, checked before planning."""
+    with torch.device("meta"):
+        model = MOE_CLASSES[checkpoint_task(config)](config)
+    found = [PlannedTensor(name, info.dtype, info.shape, list) for name, info in reader.info.items()]
+    check_planned(found, model, what)
 
 
 def read_float_experts(folder: Path, action: str) -> UpcycledMoeConfig:

@@ -17,26 +17,15 @@ from ..checkpoint import (
     PlannedTensor,
     SafetensorsCheckpoint,
     check_output,
-    check_planned,
     parse_size,
     raw_config,
     read_config,
 )
 from ..errors import InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
-from .converter import UpcycleResult, checkpoint_task, upcycled_checkpoint
-from .plan import MOE_CLASSES
+from .converter import UpcycleResult, check_source_tensors, checkpoint_task, upcycled_checkpoint
 
 _BASE = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<name>gate_up_proj|up_proj|down_proj)(?P<bias>_bias)?$")
-
-
-def _check_source(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, folder: Path) -> None:
-    """Raise unless ``folder`` holds exactly the tensors of the shared-weight model its config describes, shapes
-    included: the fold below multiplies the LoRA factors as they are (A [E, r, in], B [E, out, r])."""
-    with torch.device("meta"):
-        model = MOE_CLASSES[checkpoint_task(config)](config)
-    found = [PlannedTensor(name, info.dtype, info.shape, list) for name, info in reader.info.items()]
-    check_planned(found, model, f"the shared-weight model that {folder / 'config.json'} describes")
 
 
 def _plan(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig) -> list[PlannedTensor]:
@@ -78,7 +67,7 @@ def materialize(folder: str | Path, output: str | Path, *, overwrite: bool = Fal
                                  "materialize; its experts are already full tensors")
     config = read_config(folder, UpcycledMoeConfig, "an upcycled checkpoint")
     reader = SafetensorsCheckpoint(folder)
-    _check_source(reader, config, folder)
+    check_source_tensors(reader, config, f"the shared-weight model that {folder / 'config.json'} describes")
     plan = _plan(reader, config)
     config.expert_sharing, config.expert_lora_rank, config.expert_lora_alpha = "none", 0, 0.0
     config.expert_lora_targets = None

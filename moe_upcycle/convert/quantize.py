@@ -16,13 +16,18 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, check_planned, parse_size
+from ..checkpoint import PlannedTensor, SafetensorsCheckpoint, check_output, parse_size
 from ..errors import CheckpointError, InvalidOptionError
 from ..modeling.configuration_upcycled_moe import UpcycledMoeConfig
 from ..modeling.modeling_upcycled_moe import DENSE_PREFIX
 from ..modeling.quantized_experts import FLOAT, QUANT_SCHEMES, check_group_size, scale_name, scheme_summary, stored_name
-from .converter import UpcycleResult, checkpoint_task, read_float_experts, upcycled_checkpoint
-from .plan import MOE_CLASSES
+from .converter import (
+    UpcycleResult,
+    check_source_tensors,
+    checkpoint_task,
+    read_float_experts,
+    upcycled_checkpoint,
+)
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 """The experts' weight tensors, [E, out, in]; their biases stay as they are."""
@@ -46,15 +51,6 @@ def expert_weights(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig) -> 
                                       "quantize rounds float expert weights")
             found.setdefault(int(match[1]), {})[match[2]] = tuple(info.shape[1:])
     return found
-
-
-def check_source(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, folder: Path) -> None:
-    """Raise unless ``folder`` holds exactly the tensors of the float model its config describes, shapes included
-    (experts of another count or shape, a missing projection): a bad input, refused before anything is planned."""
-    with torch.device("meta"):
-        model = MOE_CLASSES[checkpoint_task(config)](config)
-    found = [PlannedTensor(name, info.dtype, info.shape, list) for name, info in reader.info.items()]
-    check_planned(found, model, f"the model that {folder / 'config.json'} describes")
 
 
 def _finite(key: str, expert: int, row: torch.Tensor) -> torch.Tensor:
@@ -148,7 +144,7 @@ def quantize(folder: str | Path, output: str | Path, *, experts: str | None = "i
     max_shard_bytes = parse_size(max_shard_size)
     reader = SafetensorsCheckpoint(folder)
     try:
-        check_source(reader, config, folder)
+        check_source_tensors(reader, config, f"the model that {folder / 'config.json'} describes")
         weights = expert_weights(reader, config)
         if not weights:
             raise CheckpointError(f"{folder} holds no expert tensors for the MoE layers its config.json names "
