@@ -28,6 +28,7 @@ def _argv(command: str, folder: Path, out: Path, data: Path) -> list:
         "export": ["export", folder, out],
         "materialize": ["materialize", folder, out],
         "shrink": ["shrink", folder, out, "--num-experts", "1", "--data", data, "--block-size", "32"],
+        "quantize": ["quantize", folder, out, "--experts", "int8"],
         "merge": ["merge", folder, out],
         "evaluate": ["evaluate", folder, "--validation_file", data, "--block_size", "32", "--max_eval_samples", "2"],
         "push": ["push", folder, "someone/model", "--dry-run"],
@@ -71,7 +72,7 @@ def folders(small_models, docs_files, tmp_path_factory) -> dict[str, Path]:
 def test_everyday_folder(command, case, folders, docs_files, tmp_path, capfd):
     outcome = run_inprocess(_argv(command, folders[case], tmp_path / "out", docs_files[1]), capfd)
     broken_config = case != "dense_finetuned_no_readme"
-    needs_moe = ("push", "merge", "export", "analyze", "materialize", "shrink")  # a MoE model (or an adapter)
+    needs_moe = ("push", "merge", "export", "analyze", "materialize", "shrink", "quantize")  # a MoE model (or an adapter)
     refused = broken_config or command in needs_moe
     if refused:
         assert not failure_problems(outcome), outcome.describe()
