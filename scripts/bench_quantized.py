@@ -5,7 +5,7 @@
 For the demo's fine-tuned MoE model (``moe-upcycle demo``: ``WORKDIR/moe-lora-merged``, held-out text
 ``WORKDIR/data/valid.txt``, statistics for ``--bits auto`` from ``WORKDIR/data/train.txt``) and, when it exists, the
 mixing experiment's fine-tuned BTX model (``scripts/btx_experiment.py``: ``BTX/btx`` on ``BTX/data/mix.*.txt``),
-quantises the MoE model with ``moe-upcycle quantize`` (int8, int4, and ``--bits auto`` at 5 and 3 bits average) and
+quantises the MoE model with ``moe-upcycle quantize`` (int8, int4, and ``--bits auto`` at 6, 5, 4 and 3 bits average) and
 prints for each variant:
 
 * held-out perplexity (``moe-upcycle evaluate``'s computation, 128-token blocks);
@@ -131,8 +131,7 @@ def held_out_blocks(folder: Path, text_file: Path, block_size: int = 128, count:
 def bench(name: str, dense: Path | None, moe: Path, valid: Path, train: Path, work: Path, threads: int) -> list[Row]:
     rows = ([Row("dense source", dense)] if dense else []) + [Row("MoE, float experts", moe)]
     variants = {"int8 experts": dict(experts="int8"), "int4 experts": dict(experts="int4"),
-                "--bits auto, 5 bits": dict(bits="auto", target_bits=5.0, data=train),
-                "--bits auto, 3 bits": dict(bits="auto", target_bits=3.0, data=train)}
+                **{f"--bits auto, {b} bits": dict(bits="auto", target_bits=float(b), data=train) for b in (6, 5, 4, 3)}}
     for label, options in variants.items():
         out = work / name / label.replace(" ", "_").replace(",", "").replace("-", "")
         quantize(moe, out, group_size=GROUP_SIZE, block_size=128, overwrite=True, **options)

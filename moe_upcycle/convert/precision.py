@@ -8,9 +8,14 @@ model's float dtype):
     error[l, e, s] = sum over the (token, slot) pairs routed to e of  w^2 * ||expert_e(x; Q_s(W_e)) - expert_e(x; W_e)||^2
 
 i.e. how much storing expert e in s changes the layer's output (w: the routing weight of the pair), summed over the
-data: usage and sensitivity in one number. The allocation starts every expert at its cheapest precision and
-repeatedly makes the upgrade that removes the most error per added bit, while the average over expert weights
-(integers and scales, or float tensors, as :func:`~.quantize.average_bits` counts them) stays at most the target.
+data: usage and sensitivity in one number. The allocation starts every expert at the floor, the most precise
+precision the budget affords every expert (int4 at 5 bits with groups of 32, int2 at 3), and repeatedly makes the
+upgrade that removes the most error per added bit, while the average over expert weights (integers and scales, or
+float tensors, as :func:`~.quantize.average_bits` counts them) stays at most the target. Only the bits left over
+are moved: no expert goes below the floor to pay for another's upgrade, since the measure, one layer at a time on
+the calibration text, underrates what a coarse expert costs end to end (on the demo model, letting 8 rarely used
+experts drop to int2 to pay for 5 int8 ones gave perplexity 143.33 against 142.88 for every expert in int4, at the
+same 5 bits).
 """
 
 from __future__ import annotations
@@ -139,6 +144,9 @@ def choose_precision(folder: Path, data: str | Path, weights: Weights, *, num_ex
         raise InvalidOptionError(f"--target-bits {target_bits} is below the smallest average this model can have "
                                  f"({cheapest:.3f} bits: every expert in {candidates[0]} with --group-size {group_size}); "
                                  "raise it or the group size")
+    # The floor: the most precise scheme every expert can have within the budget; only the bits left over move.
+    floor = max(s for s in range(len(candidates)) if cost[..., s].sum().item() <= target_bits * numel)
+    candidates, cost = candidates[floor:], cost[..., floor:]
     with explained_loading(str(folder)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
