@@ -95,6 +95,8 @@ def test_materialize_equals_the_shared_model_and_a_hand_built_one(family, tmp_pa
     assert main(["materialize", str(tmp_path / "trained"), str(tmp_path / "full")]) == 0
     full = _load(tmp_path / "full")
     assert full.config.expert_sharing == "none"
+    card = (tmp_path / "full" / "README.md").read_text()  # trained deltas: the card must not claim exactness
+    assert "computes exactly what" not in card and "low-rank deltas were trained" in card
     # The same deltas folded by hand into a full-experts model.
     by_hand = _load(tmp_path / "full")
     with torch.no_grad():

@@ -71,8 +71,12 @@ def materialize(folder: str | Path, output: str | Path, *, overwrite: bool = Fal
     plan = _plan(reader, config)
     config.expert_sharing, config.expert_lora_rank, config.expert_lora_alpha = "none", 0, 0.0
     config.expert_lora_targets = None
-    config.upcycling = {**(config.upcycling or {}), "materialized_from": str(folder),
-                        "reproduce": (config.upcycling or {}).get("reproduce")}
+    record = {**(config.upcycling or {}), "materialized_from": str(folder),
+              "reproduce": (config.upcycling or {}).get("reproduce")}
+    if any(reader.get(key).any() for key in reader.keys() if "_lora_B" in key):  # B starts at 0: exact until trained
+        record["inexact_reasons"] = [*record.get("inexact_reasons", []), "the experts' low-rank deltas were trained "
+                                     "before they were folded in, so the experts differ from the dense MLP"]
+    config.upcycling = record
     with upcycled_checkpoint(output, plan, config, overwrite=overwrite, inputs=[folder], side_files_from=folder,
                              readers=[reader], max_shard_bytes=parse_size(max_shard_size), desc="Materializing",
                              task=checkpoint_task(config)) as (_, result):
