@@ -886,31 +886,33 @@ LORA_RESHAPES = {  # A [E, r, in], B [E, out, r]
 }
 
 
-def _lora_factor(kind: str) -> Mutation:
-    """The first MoE layer's LoRA factor of the up projection rewritten with another shape, or removed from its shard
-    and the index."""
+def _first_tensor(suffix: str, rewrite: Callable[[torch.Tensor], torch.Tensor] | None) -> Mutation:
+    """The first tensor (in name order) whose name ends with ``suffix`` rewritten in place by ``rewrite`` (a well-formed
+    file whose tensor does not fit the config, or cannot be used as it is), or with ``rewrite=None`` removed from its
+    shard and the index."""
 
     def mutate(world: World) -> None:
         folder = world.folder()
         index = json.loads((folder / INDEX).read_text())
-        key = sorted(k for k in index["weight_map"] if k.endswith(f".up_lora_{kind[0]}"))[0]
+        key = sorted(k for k in index["weight_map"] if k.endswith(suffix))[0]
         shard = folder / index["weight_map"][key]
         with safe_open(shard, "pt") as f:
             metadata = f.metadata()
         tensors = load_file(shard)
         tensor = tensors.pop(key)
-        if kind == "B_missing":
+        if rewrite is None:
             del index["weight_map"][key]
             (folder / INDEX).write_text(json.dumps(index))
         else:
-            tensors[key] = LORA_RESHAPES[kind](tensor).contiguous()
+            tensors[key] = rewrite(tensor).contiguous()
         save_file(tensors, shard, metadata=metadata)
 
     return mutate
 
 
-for _kind in (*LORA_RESHAPES, "B_missing"):
-    register("lora_factors", _kind, _lora_factor(_kind))
+# The first MoE layer's LoRA factor of the up projection with another shape, or missing.
+for _kind, _rewrite in {**LORA_RESHAPES, "B_missing": None}.items():
+    register("lora_factors", _kind, _first_tensor(f".up_lora_{_kind[0]}", _rewrite))
 
 
 def _replace_model(template: str) -> Mutation:
@@ -933,29 +935,6 @@ register("quantize_source", "quantized", _replace_model("quantized"))
 register("export_source", "quantized", _replace_model("quantized"))
 
 
-def _expert_tensor(kind: str) -> Mutation:
-    """The first MoE layer's down_proj experts [E, out, in] rewritten in place (a well-formed file whose tensor does
-    not fit the config, or that cannot be quantised), or removed from its shard and the index."""
-
-    def mutate(world: World) -> None:
-        folder = world.folder()
-        index = json.loads((folder / INDEX).read_text())
-        key = sorted(k for k in index["weight_map"] if k.endswith(".experts.down_proj"))[0]
-        shard = folder / index["weight_map"][key]
-        with safe_open(shard, "pt") as f:
-            metadata = f.metadata()
-        tensors = load_file(shard)
-        tensor = tensors.pop(key)
-        if kind == "missing":
-            del index["weight_map"][key]
-            (folder / INDEX).write_text(json.dumps(index))
-        else:
-            tensors[key] = EXPERT_REWRITES[kind](tensor).contiguous()
-        save_file(tensors, shard, metadata=metadata)
-
-    return mutate
-
-
 def _poisoned(value: float) -> Callable:
     def rewrite(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
@@ -973,8 +952,9 @@ EXPERT_REWRITES = {
     "one_expert_less": lambda t: t[:-1],
     "int32": lambda t: (t * 1000).to(torch.int32),
 }
-for _kind in (*EXPERT_REWRITES, "missing"):
-    register("expert_tensors", _kind, _expert_tensor(_kind))
+# The first MoE layer's down_proj experts [E, out, in] that do not fit the config or cannot be quantised, or missing.
+for _kind, _rewrite in {**EXPERT_REWRITES, "missing": None}.items():
+    register("expert_tensors", _kind, _first_tensor(".experts.down_proj", _rewrite))
 # A config.json of the right types that does not describe the experts the weights hold.
 for _keys, _values in {("num_experts",): {"more_than_weights": 8, "fewer_than_weights": 2},
                        ("expert_precision",): {"string": "int8", "unknown_scheme": {"0": ["int3"] * 4}},
