@@ -84,14 +84,25 @@ def _planned(key: str, dtype: torch.dtype, shape: tuple[int, ...], rows: Callabl
         return [PlannedTensor(key, dtype, (len(experts), out, in_features),
                               lambda: (row for e, row in enumerate(rows()) if e in experts))]
     spec = QUANT_SCHEMES[scheme]
+    scales: list[torch.Tensor] = []  # kept while the codes are written: the scales tensor follows them in the plan
 
-    def parts(index: int):
-        return lambda: (spec.quantize(_finite(key, e, row), group_size)[index] for e, row in enumerate(rows())
-                        if e in experts)
+    def quantized():
+        return ((e, *spec.quantize(_finite(key, e, row), group_size)) for e, row in enumerate(rows()) if e in experts)
 
-    names = (stored_name(key, scheme), scale_name(key, scheme))
-    return [PlannedTensor(name, stored.dtype, (len(experts), *stored.shape), parts(i))
-            for i, (name, stored) in enumerate(zip(names, spec.storage(out, in_features, group_size), strict=True))]
+    def codes():
+        scales.clear()
+        for _, code, scale in quantized():
+            scales.append(scale)
+            yield code
+
+    def scale_rows():
+        kept = scales[:] if len(scales) == len(experts) else [scale for _, _, scale in quantized()]
+        scales.clear()
+        yield from kept
+
+    (codes_meta, scale_meta) = spec.storage(out, in_features, group_size)
+    return [PlannedTensor(stored_name(key, scheme), codes_meta.dtype, (len(experts), *codes_meta.shape), codes),
+            PlannedTensor(scale_name(key, scheme), scale_meta.dtype, (len(experts), *scale_meta.shape), scale_rows)]
 
 
 def plan_quantized(reader: SafetensorsCheckpoint, config: UpcycledMoeConfig, precision: dict[str, list[str]],
